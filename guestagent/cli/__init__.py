@@ -1,0 +1,60 @@
+"""The `guestagent` command line: one subcommand module per area.
+
+Each module in AREAS defines ``register(subparsers)``, which adds its
+subcommands and sets ``func`` on each; ``func(args)`` returns the exit code.
+Heavy imports stay inside the handlers so ``--help`` and ``--version`` are fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Callable, Optional, Sequence
+
+from guestagent import __version__
+from guestagent.errors import GuestagentError
+
+AREAS = ("guestagent.cli.observe",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="guestagent",
+        description="Tell the hypervisor host what the guest's scheduler knows.",
+    )
+    parser.add_argument("--version", action="version", version=f"guestagent {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in AREAS:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namespace,
+                prog: str) -> int:
+    """Run a handler, turning expected failures into one line on stderr."""
+    try:
+        return func(args)
+    except GuestagentError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 0
+    except PermissionError as err:
+        print(f"{prog}: error: permission denied: {err.filename or err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        where = f": {err.filename}" if err.filename else ""
+        print(f"{prog}: error: {err.strerror or err}{where}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return run_command(args.func, args, parser.prog)
