@@ -1,0 +1,50 @@
+"""Host config: strict TOML with file:line errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from guestagent.errors import ConfigError
+from guestagent.host.config import HostLimits, load_limits, parse_limits
+
+
+def test_defaults_without_file():
+    assert load_limits(None) == HostLimits()
+
+
+def test_full_file_parses():
+    limits = parse_limits(
+        'max_rt_priority = 20\nrt_policies = ["rr"]\nmax_boosted = 1\n'
+        "heartbeat_period = 0.5\nlease_periods = 2\npin_cpus = [0, 1]\n"
+        "colocation = false\nnice_floor = -5\ncontend = { 1 = 100 }\n")
+    assert limits.max_rt_priority == 20 and limits.rt_policies == (2,)
+    assert limits.lease == 1.0 and limits.pin_cpus == frozenset({0, 1})
+    assert limits.contend == {1: 100} and not limits.colocation
+
+
+@pytest.mark.parametrize("text,line,words", [
+    ("max_boosted = 1\nmax_rt_priority = 100\n", 2, "1..99"),
+    ("\n\nlease_periods = 3\n", 3, "(0, 2]"),
+    ("rt_policies = [\"deadline\"]\n", 1, "fifo"),
+    ("colocation = 1\n", 1, "true or false"),
+    ("max_rt_prio = 5\n", 1, "unknown key"),
+    ("contend = { x = 5 }\n", 1, "vCPU number"),
+    ("max_boosted = [\n", 1, ""),
+    ("a = 1\nb = = 2\n", 2, ""),
+])
+def test_bad_values_name_file_and_line(tmp_path, text, line, words):
+    path = tmp_path / "host.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_limits(str(path))
+    msg = str(err.value)
+    assert msg.startswith(f"{path}:{line}: ") and words in msg and "\n" not in msg
+
+
+def test_unreadable_file_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="No such file"):
+        load_limits(str(tmp_path / "missing.toml"))
+    bad = tmp_path / "bin.toml"
+    bad.write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_limits(str(bad))
