@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Mapping, Optional
+from typing import Any
 
 from guestagent.errors import ConfigError
 from guestagent.protocol.model import CAPACITY_MAX, NICE_MAX, NICE_MIN, RT_PRIORITY_MAX
@@ -31,7 +32,7 @@ class HostLimits:
     max_boosted: int = 2  # vCPUs of this VM boosted at once
     heartbeat_period: float = 1.0  # seconds between the guest's heartbeats
     lease_periods: float = 1.5  # a boost lasts this many heartbeat periods unless renewed
-    pin_cpus: Optional[frozenset[int]] = None  # None: the CPUs the peer may run on
+    pin_cpus: frozenset[int] | None = None  # None: the CPUs the peer may run on
     colocation: bool = True  # honour co-location groups by pinning
     honour_nice: bool = True  # apply nice levels from OTHER-class hints
     nice_floor: int = -10  # the most favourable nice granted
@@ -135,7 +136,7 @@ def parse_limits(text: str, path: str = "<config>") -> HostLimits:
     return replace(HostLimits(), **values)
 
 
-def load_limits(path: Optional[str]) -> HostLimits:
+def load_limits(path: str | None) -> HostLimits:
     if path is None:
         return HostLimits()
     try:

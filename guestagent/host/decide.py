@@ -8,8 +8,8 @@ the boosted-vCPU cap, lease expiry, flood limiting) is testable directly.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Mapping, Optional, Sequence
 
 from guestagent.host.colocation import assign_pcpus
 from guestagent.host.config import HostLimits
@@ -40,7 +40,7 @@ class GuestInput:
 
     state: PeerState = PeerState.ABSENT
     hints: tuple[VcpuHint, ...] = ()
-    last_heard: Optional[float] = None  # monotonic time the heartbeat last advanced
+    last_heard: float | None = None  # monotonic time the heartbeat last advanced
 
 
 @dataclass(frozen=True)
@@ -48,18 +48,18 @@ class VcpuPlan:
     vcpu: int
     settings: ThreadSettings
     applied: AppliedFlag = AppliedFlag.NONE
-    hint: Optional[VcpuHint] = None  # the hint this reflects, if any
-    changed_at: Optional[float] = None  # when settings last changed (flood limit)
+    hint: VcpuHint | None = None  # the hint this reflects, if any
+    changed_at: float | None = None  # when settings last changed (flood limit)
 
 
 @dataclass(frozen=True)
 class Plan:
     vcpus: Mapping[int, VcpuPlan]
     lease: Lease = Lease.NONE
-    lease_expires: Optional[float] = None
+    lease_expires: float | None = None
     rejected: int = 0  # hints for unknown vCPUs or duplicates, this round
     rate_limited: int = 0  # vCPUs whose change waits for the flood limit
-    next_deadline: Optional[float] = None  # when to decide again without new input
+    next_deadline: float | None = None  # when to decide again without new input
 
 
 def initial_plan(originals: Mapping[int, ThreadSettings]) -> Plan:
@@ -104,7 +104,7 @@ def _unboost(hint: VcpuHint, orig: ThreadSettings, limits: HostLimits
 
 
 def _lease(guest: GuestInput, limits: HostLimits, previous: Plan, now: float
-           ) -> tuple[Lease, Optional[float]]:
+           ) -> tuple[Lease, float | None]:
     if guest.state == PeerState.RUNNING and guest.last_heard is not None:
         expires = guest.last_heard + limits.lease
         if now < expires:

@@ -1,0 +1,127 @@
+"""The IO edge that changes vCPU threads: apply, read back, restore.
+
+Originals are read for every vCPU thread at attach, before any change, and
+every thread changed is put back on restore_all(). Before each change the
+thread is checked to still be the same thread of the same QEMU process.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Callable
+
+from guestagent.errors import GuestagentError
+from guestagent.host.discovery import VcpuThread, thread_start_time
+from guestagent.host.settings import POLICY_MASK, ThreadSettings
+
+Log = Callable[[str], None]
+
+
+def read_settings(tid: int) -> ThreadSettings:
+    return ThreadSettings(
+        policy=os.sched_getscheduler(tid),
+        rt_priority=os.sched_getparam(tid).sched_priority,
+        nice=os.getpriority(os.PRIO_PROCESS, tid),
+        affinity=frozenset(os.sched_getaffinity(tid)),
+    )
+
+
+def write_settings(tid: int, old: ThreadSettings, new: ThreadSettings) -> None:
+    """Make only the syscalls whose field changes."""
+    if new.affinity != old.affinity:
+        os.sched_setaffinity(tid, new.affinity)
+    if (new.policy, new.rt_priority) != (old.policy, old.rt_priority):
+        os.sched_setscheduler(tid, new.policy, os.sched_param(new.rt_priority))
+    if new.nice != old.nice:
+        os.setpriority(os.PRIO_PROCESS, tid, new.nice)
+
+
+class ThreadApplier:
+    """Owns the scheduler state of one VM's vCPU threads while the peer runs."""
+
+    def __init__(self, pid: int, threads: Sequence[VcpuThread], dry_run: bool, log: Log) -> None:
+        self.pid = pid
+        self.dry_run = dry_run
+        self._log = log
+        self._threads = {t.vcpu: t for t in threads}
+        self.originals: dict[int, ThreadSettings] = {}
+        for t in threads:
+            try:
+                self.originals[t.vcpu] = read_settings(t.tid)
+            except OSError as err:
+                raise GuestagentError(
+                    f"vCPU {t.vcpu} (tid {t.tid}): cannot read scheduler state: "
+                    f"{err.strerror or err}") from None
+        self.current: dict[int, ThreadSettings] = dict(self.originals)
+        self.changed: set[int] = set()
+        self.gone: set[int] = set()
+
+    def tids(self) -> Mapping[int, int]:
+        return {v: t.tid for v, t in self._threads.items() if v not in self.gone}
+
+    def _alive(self, vcpu: int) -> bool:
+        t = self._threads[vcpu]
+        if vcpu not in self.gone and thread_start_time(self.pid, t.tid) != t.start_time:
+            self.gone.add(vcpu)
+            self.changed.discard(vcpu)
+            self._log(f"vCPU {vcpu} (tid {t.tid}) is gone; leaving it alone")
+        return vcpu not in self.gone
+
+    def apply(self, vcpu: int, settings: ThreadSettings) -> ThreadSettings | None:
+        """Apply and return the state read back, or None if the thread is gone or refused."""
+        old = self.current[vcpu]
+        if settings == old:
+            return old
+        if not self._alive(vcpu):
+            return None
+        tid = self._threads[vcpu].tid
+        if self.dry_run:
+            self._log(f"dry run: vCPU {vcpu} (tid {tid}): would set {settings.describe()}")
+            self.current[vcpu] = settings
+            return settings
+        try:
+            write_settings(tid, old, settings)
+            self.changed.add(vcpu)
+            got = read_settings(tid)
+        except ProcessLookupError:
+            self.gone.add(vcpu)
+            self.changed.discard(vcpu)
+            return None
+        except OSError as err:
+            self._log(f"vCPU {vcpu} (tid {tid}): cannot set {settings.describe()}: "
+                      f"{err.strerror or err}")
+            try:
+                got = read_settings(tid)
+            except OSError:
+                return None
+            self.current[vcpu] = got
+            return None
+        # Compare what matters: the kernel may report the policy without flag bits.
+        if replace(got, policy=got.policy & POLICY_MASK) != replace(
+                settings, policy=settings.policy & POLICY_MASK):
+            self._log(f"vCPU {vcpu} (tid {tid}): asked {settings.describe()}, "
+                      f"kernel has {got.describe()}")
+        self.current[vcpu] = got
+        return got
+
+    def restore_all(self) -> None:
+        """Put every thread this peer changed back as it was; quiet about vanished ones."""
+        for vcpu in sorted(self.changed):
+            original = self.originals[vcpu]
+            if not self._alive(vcpu):
+                continue
+            tid = self._threads[vcpu].tid
+            try:
+                # Diff against the kernel, not our belief: restore must not skip a field.
+                write_settings(tid, read_settings(tid), original)
+                self.current[vcpu] = original
+            except ProcessLookupError:
+                self.gone.add(vcpu)
+            except OSError as err:
+                self._log(f"vCPU {vcpu} (tid {tid}): cannot restore {original.describe()}: "
+                          f"{err.strerror or err}")
+        self.changed = {v for v in self.changed if self.current[v] != self.originals[v]}
+        if self.dry_run:
+            self.current = dict(self.originals)

@@ -1,0 +1,111 @@
+"""A process that stands in for QEMU in the host peer's tests.
+
+Run as a script it starts threads named `CPU n/KVM` (as QEMU names its vCPU
+threads) and serves a QMP unix socket answering `query-cpus-fast` with their
+thread ids. It stands in for QEMU, which the end-to-end tests run for real.
+    python3 test_host_standin.py QMP_SOCKET NR_VCPUS [spin|sleep] [TCG]
+It prints "ready <pid>" once the threads are named and the socket listens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+
+
+def _vcpu_thread(index: int, accel: str, spin: bool, tids: dict, ready: threading.Event) -> None:
+    tid = threading.get_native_id()
+    with open(f"/proc/self/task/{tid}/comm", "w") as f:
+        f.write(f"CPU {index}/{accel}")
+    tids[index] = tid
+    ready.set()
+    while True:
+        if spin:
+            for _ in range(100000):
+                pass
+        else:
+            time.sleep(3600)
+
+
+def _serve_qmp(conn: socket.socket, tids: dict) -> None:
+    with conn, conn.makefile("rwb") as f:
+        f.write(b'{"QMP": {"version": {"qemu": {"major": 9}}, "capabilities": []}}\n')
+        f.flush()
+        for line in f:
+            cmd = json.loads(line).get("execute")
+            if cmd == "qmp_capabilities":
+                reply = {"return": {}}
+            elif cmd == "query-cpus-fast" and tids:
+                f.write(b'{"event": "RESUME", "data": {}}\n')  # events may precede replies
+                reply = {"return": [{"cpu-index": i, "thread-id": t, "target": "x86_64"}
+                                    for i, t in sorted(tids.items())]}
+            else:
+                reply = {"error": {"class": "CommandNotFound", "desc": f"{cmd} not found"}}
+            f.write(json.dumps(reply).encode() + b"\n")
+            f.flush()
+
+
+def main(argv: list[str]) -> None:
+    path, nr = argv[0], int(argv[1])
+    spin = len(argv) > 2 and argv[2] == "spin"
+    accel = argv[3] if len(argv) > 3 else "KVM"
+    tids: dict[int, int] = {}
+    for i in range(nr):
+        ready = threading.Event()
+        threading.Thread(target=_vcpu_thread, args=(i, accel, spin, tids, ready),
+                         daemon=True).start()
+        ready.wait()
+    # STANDIN_NO_QUERY: act like a QEMU whose query-cpus-fast fails, forcing the name fallback
+    served = {} if os.environ.get("STANDIN_NO_QUERY") else tids
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(4)
+    print(f"ready {os.getpid()}", flush=True)
+    while True:
+        conn, _ = server.accept()
+        threading.Thread(target=_serve_qmp, args=(conn, served), daemon=True).start()
+
+
+class Standin:
+    """Handle on a running stand-in process, for tests."""
+
+    def __init__(self, qmp: str, nr_vcpus: int = 2, mode: str = "sleep",
+                 accel: str = "KVM", no_query: bool = False) -> None:
+        env = dict(os.environ, STANDIN_NO_QUERY="1" if no_query else "")
+        self.qmp = qmp
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE), qmp, str(nr_vcpus), mode, accel],
+            stdout=subprocess.PIPE, text=True, env=env)
+        line = self.proc.stdout.readline()
+        assert line.startswith("ready "), f"stand-in failed to start: {line!r}"
+        self.pid = self.proc.pid
+        self.tids = {}
+        for entry in os.listdir(f"/proc/{self.pid}/task"):
+            with open(f"/proc/{self.pid}/task/{entry}/comm") as f:
+                name = f.read().strip()
+            if name.startswith("CPU "):
+                self.tids[int(name.split()[1].split("/")[0])] = int(entry)
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def test_standin_names_its_threads_like_qemu(tmp_path):
+    s = Standin(str(tmp_path / "qmp"), 2)
+    try:
+        assert sorted(s.tids) == [0, 1] and s.pid not in s.tids.values()
+    finally:
+        s.stop()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

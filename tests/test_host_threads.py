@@ -1,0 +1,196 @@
+"""Discovery, applier and capacity against real threads of a stand-in QEMU process.
+
+Scheduler state is read back from the kernel with os.sched_get*/getpriority.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from test_host_standin import Standin
+
+from guestagent.errors import GuestagentError
+from guestagent.host.applier import ThreadApplier, read_settings
+from guestagent.host.capacity import (
+    CpuTimes,
+    Sample,
+    ThreadTimes,
+    capacities,
+    parse_proc_stat,
+    parse_task_stat,
+    read_sample,
+    vcpu_capacity,
+)
+from guestagent.host.discovery import discover, parse_cpus_fast, vcpus_from_names
+from guestagent.host.settings import ThreadSettings
+from guestagent.protocol.model import AppliedFlag
+
+
+@pytest.fixture
+def standin(tmp_path):
+    s = Standin(str(tmp_path / "qmp.sock"), 2)
+    yield s
+    s.stop()
+
+
+def test_discover_via_qmp_uses_thread_ids_and_peer_pid(standin):
+    pid, threads = discover(standin.qmp)
+    assert pid == standin.pid
+    assert {t.vcpu: t.tid for t in threads} == standin.tids
+
+
+def test_discover_falls_back_to_thread_names(tmp_path):
+    s = Standin(str(tmp_path / "q"), 2, accel="TCG", no_query=True)
+    try:
+        pid, threads = discover(s.qmp)
+        assert {t.vcpu: t.tid for t in threads} == s.tids
+        assert discover(None, pid=s.pid)[1] == threads
+    finally:
+        s.stop()
+
+
+def test_discover_refuses_threads_of_other_processes(tmp_path):
+    # A QMP server that names this test process's own thread: it is not the server's.
+    path = str(tmp_path / "liar")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+
+    def serve():
+        conn, _ = server.accept()
+        with conn, conn.makefile("rwb") as f:
+            f.write(b'{"QMP": {}}\n')
+            f.flush()
+            for line in f:
+                cmd = json.loads(line)["execute"]
+                ret = {} if cmd == "qmp_capabilities" else [
+                    {"cpu-index": 0, "thread-id": 1}]  # pid 1's main thread
+                f.write(json.dumps({"return": ret}).encode() + b"\n")
+                f.flush()
+
+    threading.Thread(target=serve, daemon=True).start()
+    with pytest.raises(GuestagentError, match="has none of the vCPU threads"):
+        discover(path)
+    server.close()
+
+
+def test_discover_errors_are_one_line(tmp_path):
+    with pytest.raises(GuestagentError, match="cannot talk QMP"):
+        discover(str(tmp_path / "nothing"))
+    with pytest.raises(GuestagentError, match="need --qmp"):
+        discover(None)
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        with pytest.raises(GuestagentError, match="no threads named"):
+            discover(None, pid=proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_parsers_skip_malformed_entries():
+    assert parse_cpus_fast([{"cpu-index": 0, "thread-id": 5}, {"cpu-index": "x"}, 7,
+                            {"cpu-index": 1, "thread-id": -3}]) == {0: 5}
+    assert parse_cpus_fast({"oops": 1}) == {}
+    names = {10: "CPU 0/KVM\n", 11: "CPU 1/TCG", 12: "CPU 2/KVMx", 13: "worker", 14: "CPU 0/KVM"}
+    assert vcpus_from_names(names) == {0: 10, 1: 11}
+
+
+def test_apply_boost_and_restore_read_back_from_kernel(standin):
+    pid, threads = discover(standin.qmp)
+    logs = []
+    applier = ThreadApplier(pid, threads, dry_run=False, log=logs.append)
+    tid0, tid1 = standin.tids[0], standin.tids[1]
+    before = {t: read_settings(t) for t in (tid0, tid1)}
+    boosted = ThreadSettings(os.SCHED_FIFO, 30, 0, frozenset({1}))
+    got = applier.apply(0, boosted)
+    assert got == boosted
+    assert os.sched_getscheduler(tid0) == os.SCHED_FIFO
+    assert os.sched_getparam(tid0).sched_priority == 30
+    assert os.sched_getaffinity(tid0) == {1}
+    niced = ThreadSettings(os.SCHED_OTHER, 0, 10, before[tid1].affinity)
+    assert applier.apply(1, niced) == niced
+    assert os.getpriority(os.PRIO_PROCESS, tid1) == 10
+    # Only the vCPU threads were touched.
+    assert os.sched_getscheduler(pid) == os.SCHED_OTHER
+    applier.restore_all()
+    assert {t: read_settings(t) for t in (tid0, tid1)} == before
+    assert not logs
+
+
+def test_dry_run_changes_nothing(standin):
+    pid, threads = discover(standin.qmp)
+    logs = []
+    applier = ThreadApplier(pid, threads, dry_run=True, log=logs.append)
+    tid0 = standin.tids[0]
+    before = read_settings(tid0)
+    applier.apply(0, ThreadSettings(os.SCHED_FIFO, 30, 0, frozenset({0})))
+    assert read_settings(tid0) == before
+    assert logs and "would set fifo 30" in logs[0]
+    applier.restore_all()
+    assert read_settings(tid0) == before
+
+
+def test_vanished_threads_are_handled_quietly(tmp_path):
+    s = Standin(str(tmp_path / "q"), 2)
+    pid, threads = discover(s.qmp)
+    logs = []
+    applier = ThreadApplier(pid, threads, dry_run=False, log=logs.append)
+    applier.apply(0, ThreadSettings(os.SCHED_RR, 5, 0, frozenset({0, 1})))
+    s.stop()
+    assert applier.apply(1, ThreadSettings(os.SCHED_RR, 5, 0, frozenset({0, 1}))) is None
+    applier.restore_all()  # no exception
+    assert applier.tids() == {}
+    assert all("gone" in line for line in logs)
+
+
+def test_capacity_arithmetic():
+    before = Sample({0: CpuTimes(0, 0), 1: CpuTimes(0, 0)}, {0: ThreadTimes(0, 1)})
+    after = Sample({0: CpuTimes(10, 100), 1: CpuTimes(80, 100)}, {0: ThreadTimes(30, 1)})
+    # pCPU 1 was 80% busy, 30 points of it the vCPU itself: others 50%.
+    assert vcpu_capacity(before, after, 0) == (512, 512, 1)
+    assert vcpu_capacity(before, after, 5) == (1024, -1, -1)
+    assert vcpu_capacity(after, after, 0) == (1024, -1, 1)  # no time passed
+    caps = capacities(before, after, {0: AppliedFlag.BOOSTED}, {0: 100}, 7)
+    assert caps[0].capacity == 100 and caps[0].applied == AppliedFlag.BOOSTED
+    assert caps[0].acked_generation == 7
+
+
+def test_proc_parsers_tolerate_garbage():
+    stat = "cpu  1 2 3 4 5 6 7 8 9 10\ncpu0 10 0 10 70 10 0 0 0 0 0\ncpuX 1\ncpu1 5 5\nintr 1\n"
+    assert parse_proc_stat(stat) == {0: CpuTimes(20, 100), 1: CpuTimes(10, 10)}
+    line = "42 (CPU 0/KVM) (x) R " + " ".join(str(i) for i in range(4, 53))
+    assert parse_task_stat(line) == ThreadTimes(run=14 + 15, pcpu=39)
+    assert parse_task_stat("garbage") is None
+
+
+def test_capacity_sees_a_hog_on_the_vcpus_pcpu(tmp_path):
+    s = Standin(str(tmp_path / "q"), 1, mode="spin")
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        pid, threads = discover(s.qmp)
+        os.sched_setaffinity(s.tids[0], {1})
+
+        def measure():
+            a = read_sample(pid, s.tids)
+            time.sleep(0.6)
+            return vcpu_capacity(a, read_sample(pid, s.tids), 0)
+
+        os.sched_setaffinity(hog.pid, {0})
+        alone = measure()
+        os.sched_setaffinity(hog.pid, {1})
+        shared = measure()
+        assert alone[2] == shared[2] == 1
+        # The spinning vCPU's own time is not load; the hog's is (about half the pCPU).
+        assert alone[0] > shared[0] + 200, (alone, shared)
+    finally:
+        hog.kill()
+        hog.wait()
+        s.stop()
