@@ -1,0 +1,142 @@
+"""The vCPU table: which CPUs exist, which are isolated, how much time the host steals."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from guestagent.observe.kernel import CpuMonitor, Kernel
+from guestagent.observe.parse import (
+    ParseError,
+    parse_cpulist,
+    parse_mountinfo_cgroup2,
+    parse_proc_stat_steal,
+    steal_fractions,
+)
+
+_CPU = "/sys/devices/system/cpu"
+
+
+@dataclass(frozen=True)
+class CpuState:
+    """The guest's CPUs as the kernel describes them."""
+
+    possible: frozenset[int]
+    online: frozenset[int]
+    isolated: frozenset[int]  # isolcpus= (domain isolation)
+    nohz_full: frozenset[int]
+    partitions: frozenset[int]  # CPUs of isolated cgroup v2 cpuset partitions
+    steal: Mapping[int, float] = field(default_factory=dict)  # fraction 0..1 since last sweep
+
+    @property
+    def offline(self) -> frozenset[int]:
+        return self.possible - self.online
+
+
+def isolated_partitions(kernel: Kernel, root: str) -> frozenset[int]:
+    """CPUs of every cgroup whose cpuset.cpus.partition is 'isolated'.
+
+    Only descends where the cpuset controller is enabled, so a systemd tree of
+    hundreds of cgroups costs a few reads.
+    """
+    cpus: set[int] = set()
+    stack = [root]
+    while stack:
+        path = stack.pop()
+        try:
+            part = kernel.read_text(f"{path}/cpuset.cpus.partition").split()
+        except OSError:
+            part = []
+        if part[:1] == ["isolated"] and "invalid" not in " ".join(part[1:]):
+            try:
+                cpus |= parse_cpulist(kernel.read_text(f"{path}/cpuset.cpus.effective"))
+            except (OSError, ParseError):
+                pass
+        try:
+            enabled = kernel.read_text(f"{path}/cgroup.subtree_control").split()
+        except OSError:
+            continue
+        if "cpuset" not in enabled:
+            continue
+        try:
+            children = kernel.listdir(path)
+        except OSError:
+            continue
+        for name in children:
+            child = f"{path}/{name}"
+            if kernel.exists(f"{child}/cgroup.procs"):
+                stack.append(child)
+    return frozenset(cpus)
+
+
+class CpuTable:
+    """Reads CPU state each sweep; keeps the previous steal counters for rates."""
+
+    def __init__(self, kernel: Kernel, watch: bool = True) -> None:
+        self._kernel = kernel
+        self._prev: dict[int, int] = {}
+        self._prev_at: float | None = None
+        self._notes: list[tuple[str, str]] = []
+        self.monitor: CpuMonitor | None = None
+        self.changes = 0  # online/offline uevents seen
+        if watch:
+            try:
+                self.monitor = kernel.cpu_monitor()
+            except Exception as err:  # pyudev raises assorted errors; none is fatal here
+                why = getattr(err, "strerror", None) or str(err) or type(err).__name__
+                self._notes.append(("udev", f"CPU hotplug events unavailable ({why}): "
+                                    "CPU changes seen at the next sweep"))
+
+    def fileno(self) -> int | None:
+        return self.monitor.fileno() if self.monitor else None
+
+    def handle_readable(self) -> None:
+        if self.monitor:
+            try:
+                self.changes += self.monitor.drain()
+            except Exception as err:  # pyudev wraps socket errors in its own types
+                self._notes.append(("!udev-read", f"CPU hotplug event read failed ({err})"))
+
+    def sweep(self, now: float) -> tuple[CpuState, list[tuple[str, str]]]:
+        notes, self._notes = self._notes, []
+        possible = self._cpulist(f"{_CPU}/possible", notes)
+        online = self._cpulist(f"{_CPU}/online", notes)
+        isolated = self._cpulist(f"{_CPU}/isolated", notes)
+        nohz = self._cpulist(f"{_CPU}/nohz_full", notes, missing_ok=True)
+        partitions = frozenset()
+        try:
+            root = parse_mountinfo_cgroup2(self._kernel.read_text("/proc/self/mountinfo"))
+        except OSError:
+            root = None
+        if root:
+            partitions = isolated_partitions(self._kernel, root)
+        steal: dict[int, float] = {}
+        try:
+            cur = parse_proc_stat_steal(self._kernel.read_text("/proc/stat"))
+        except (OSError, ParseError) as err:
+            notes.append(("stat", f"/proc/stat unreadable ({getattr(err, 'strerror', err)}): "
+                          "no steal time"))
+        else:
+            dt = 0.0 if self._prev_at is None else now - self._prev_at
+            steal = steal_fractions(self._prev, cur, dt, self._kernel.clock_ticks())
+            self._prev, self._prev_at = cur, now
+        if not possible:
+            possible = online
+        return CpuState(possible, online, isolated, nohz, partitions, steal), notes
+
+    def _cpulist(self, path: str, notes: list[tuple[str, str]],
+                 missing_ok: bool = False) -> frozenset[int]:
+        try:
+            return parse_cpulist(self._kernel.read_text(path))
+        except FileNotFoundError:
+            if not missing_ok:
+                notes.append((path, f"{path} missing: taken as empty"))
+        except (OSError, ParseError) as err:
+            notes.append((path, f"{path} unreadable ({getattr(err, 'strerror', err)}): "
+                          "taken as empty"))
+        return frozenset()
+
+    def close(self) -> None:
+        if self.monitor:
+            self.monitor.close()
+            self.monitor = None

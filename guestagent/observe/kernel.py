@@ -1,0 +1,330 @@
+"""The one layer that touches the kernel: /proc, /sys, scheduler syscalls, netlink, udev.
+
+``LiveKernel`` reads the running machine. ``RecordedKernel`` reads a directory
+holding a recorded copy of /proc and /sys (tests/data/trees/<name>/) and
+derives scheduling fields from the recorded text instead of syscalls, so code
+above this layer runs unchanged against shapes this machine lacks.
+
+Errors: every method raises OSError (ProcessLookupError/FileNotFoundError when
+a thread is gone, PermissionError when unprivileged); callers decide what is
+normal. ``policies``/``nices`` are the hot path of the sweep and report a gone
+thread as ``GONE`` instead of raising, so one exit does not slow the batch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import itertools
+import os
+import select
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from guestagent.observe.events import ProcEvent, parse_proc_events
+from guestagent.observe.parse import (
+    parse_sched_dl,
+    parse_stat,
+    parse_status_cpus,
+)
+
+GONE = -1  # policy/nice placeholder for a thread that exited mid-sweep
+SCHED_DEADLINE = 6
+SCHED_RESET_ON_FORK = 0x40000000
+_NR_SCHED_GETATTR = {"x86_64": 315, "aarch64": 275, "riscv64": 275, "ppc64le": 356,
+                     "s390x": 346, "i686": 352, "armv7l": 381}
+
+
+@dataclass(frozen=True)
+class SchedDetail:
+    """Scheduling parameters of one thread (ns for the DEADLINE fields)."""
+
+    policy: int
+    rt_priority: int
+    nice: int
+    dl_runtime: int = 0
+    dl_deadline: int = 0
+    dl_period: int = 0
+
+
+class ProcEventSource:
+    """A subscribed proc-connector socket; ``read()`` drains it without blocking."""
+
+    def __init__(self) -> None:
+        from pyroute2 import ProcEventSocket  # imported here: costly, and absent in some tests
+
+        self._sock = ProcEventSocket()
+        try:
+            try:  # a large buffer rides out fork storms; FORCE needs CAP_NET_ADMIN (we have it)
+                self._sock.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)  # SO_RCVBUFFORCE
+            except OSError:
+                pass
+            self._sock.bind()
+            self._sock.control(listen=True)
+            self._fd = self._sock.fileno()
+            os.set_blocking(self._fd, False)
+        except BaseException:
+            self._sock.close()
+            raise
+        self.malformed = 0
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def read(self) -> tuple[list[ProcEvent], bool]:
+        """All queued events, and whether the kernel dropped some (buffer overrun)."""
+        events: list[ProcEvent] = []
+        lost = False
+        while True:
+            try:
+                data = os.read(self._fd, 1 << 16)
+            except BlockingIOError:
+                break
+            except OSError as err:
+                if err.errno == errno.ENOBUFS:
+                    lost = True
+                    continue
+                raise
+            if not data:
+                break
+            got, bad = parse_proc_events(data)
+            events.extend(got)
+            self.malformed += bad
+        return events, lost
+
+    def close(self) -> None:
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+
+
+class CpuMonitor:
+    """A pyudev monitor on subsystem 'cpu' (online/offline). Without udevd it listens
+    to the kernel's own uevents, which carry the same online/offline actions."""
+
+    def __init__(self) -> None:
+        import pyudev
+
+        source = "udev" if os.path.exists("/run/udev/control") else "kernel"
+        self._monitor = pyudev.Monitor.from_netlink(pyudev.Context(), source=source)
+        self._monitor.filter_by("cpu")
+        self._monitor.start()
+        self.source = source
+
+    def fileno(self) -> int:
+        return self._monitor.fileno()
+
+    def drain(self) -> int:
+        """Consume pending events; returns how many."""
+        n = 0
+        while self._monitor.poll(timeout=0) is not None:
+            n += 1
+        return n
+
+    def close(self) -> None:
+        # libudev closes the socket when the monitor is released; closing the fd
+        # here as well could close an unrelated file that reused the number
+        self._monitor = None
+
+
+class Kernel:
+    """Reads of the kernel, by absolute path (e.g. '/proc/interrupts')."""
+
+    description = "kernel"
+
+    def path(self, path: str) -> str:
+        raise NotImplementedError
+
+    def read_bytes(self, path: str) -> bytes:
+        with open(self.path(path), "rb") as f:
+            return f.read()
+
+    def read_text(self, path: str) -> str:
+        return self.read_bytes(path).decode("utf-8", "replace")
+
+    def listdir(self, path: str) -> list[str]:
+        return os.listdir(self.path(path))
+
+    def readlink(self, path: str) -> str:
+        return os.readlink(self.path(path))
+
+    def exists(self, path: str) -> bool:
+        return os.path.exists(self.path(path))
+
+    def realpath(self, path: str) -> str:
+        return os.path.realpath(self.path(path))
+
+    def thread_ids(self) -> list[tuple[int, int]]:
+        """(tgid, tid) of every thread visible in /proc; processes that vanish are skipped."""
+        out: list[tuple[int, int]] = []
+        for entry in self.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            tgid = int(entry)
+            try:
+                tasks = self.listdir(f"/proc/{entry}/task")
+            except OSError:
+                continue
+            out.extend((tgid, int(t)) for t in tasks if t.isdigit())
+        return out
+
+    def stat(self, tgid: int, tid: int) -> bytes:
+        return self.read_bytes(f"/proc/{tgid}/task/{tid}/stat")
+
+    def comm(self, tgid: int, tid: int) -> bytes:
+        raw = self.read_bytes(f"/proc/{tgid}/task/{tid}/comm")
+        return raw[:-1] if raw.endswith(b"\n") else raw
+
+    def policies(self, tids: Sequence[int]) -> list[int]:
+        raise NotImplementedError
+
+    def nices(self, tids: Sequence[int]) -> list[int]:
+        raise NotImplementedError
+
+    def sched_detail(self, tgid: int, tid: int) -> SchedDetail:
+        raise NotImplementedError
+
+    def affinity(self, tgid: int, tid: int) -> frozenset[int]:
+        raise NotImplementedError
+
+    def proc_events(self) -> ProcEventSource:
+        raise OSError(errno.ENOTSUP, "no process-events connector")
+
+    def cpu_monitor(self) -> CpuMonitor:
+        raise OSError(errno.ENOTSUP, "no udev monitor")
+
+    def net_links(self) -> list[str]:
+        return sorted(self.listdir("/sys/class/net"))
+
+    def clock_ticks(self) -> int:
+        return 100
+
+
+class _SchedAttr(ctypes.Structure):
+    _fields_ = [("size", ctypes.c_uint32), ("sched_policy", ctypes.c_uint32),
+                ("sched_flags", ctypes.c_uint64), ("sched_nice", ctypes.c_int32),
+                ("sched_priority", ctypes.c_uint32), ("sched_runtime", ctypes.c_uint64),
+                ("sched_deadline", ctypes.c_uint64), ("sched_period", ctypes.c_uint64)]
+
+
+class LiveKernel(Kernel):
+    """The running machine."""
+
+    description = "live"
+
+    def __init__(self) -> None:
+        self._libc: ctypes.CDLL | None = None
+
+    def path(self, path: str) -> str:
+        return path
+
+    def policies(self, tids: Sequence[int]) -> list[int]:
+        try:  # fast path: one C-level loop; any exit mid-sweep falls back per thread
+            return [p & ~SCHED_RESET_ON_FORK if p >= SCHED_RESET_ON_FORK else p
+                    for p in map(os.sched_getscheduler, tids)]
+        except OSError:
+            return [_or_gone(os.sched_getscheduler, t) for t in tids]
+
+    def nices(self, tids: Sequence[int]) -> list[int]:
+        try:
+            return list(map(os.getpriority, itertools.repeat(os.PRIO_PROCESS), tids))
+        except OSError:
+            return [_or_gone(lambda t: os.getpriority(os.PRIO_PROCESS, t), t) for t in tids]
+
+    def sched_detail(self, tgid: int, tid: int) -> SchedDetail:
+        policy = os.sched_getscheduler(tid) & ~SCHED_RESET_ON_FORK
+        prio = os.sched_getparam(tid).sched_priority
+        nice = os.getpriority(os.PRIO_PROCESS, tid)
+        if policy != SCHED_DEADLINE:
+            return SchedDetail(policy, prio, nice)
+        attr = self._sched_getattr(tid)
+        return SchedDetail(policy, prio, nice, attr.sched_runtime, attr.sched_deadline,
+                           attr.sched_period)
+
+    def _sched_getattr(self, tid: int) -> _SchedAttr:
+        # os has no sched_getattr wrapper; DEADLINE parameters are only reachable this way
+        nr = _NR_SCHED_GETATTR.get(os.uname().machine)
+        if nr is None:
+            raise OSError(errno.ENOSYS, "sched_getattr: unknown syscall number on this arch")
+        if self._libc is None:
+            self._libc = ctypes.CDLL(None, use_errno=True)
+        attr = _SchedAttr()
+        if self._libc.syscall(nr, tid, ctypes.byref(attr), ctypes.sizeof(attr), 0) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        return attr
+
+    def affinity(self, tgid: int, tid: int) -> frozenset[int]:
+        return frozenset(os.sched_getaffinity(tid))
+
+    def proc_events(self) -> ProcEventSource:
+        return ProcEventSource()
+
+    def cpu_monitor(self) -> CpuMonitor:
+        return CpuMonitor()
+
+    def net_links(self) -> list[str]:
+        try:
+            from pyroute2 import IPRoute
+
+            with IPRoute() as ipr:
+                return sorted(link.get_attr("IFLA_IFNAME") for link in ipr.get_links())
+        except Exception:  # pyroute2 raises its own netlink errors; sysfs lists the same links
+            return super().net_links()
+
+    def clock_ticks(self) -> int:
+        return os.sysconf("SC_CLK_TCK")
+
+
+def _or_gone(call, tid: int) -> int:
+    try:
+        return call(tid)
+    except (OSError, ValueError):  # gone, or (recorded trees) an unparsable stat
+        return GONE
+
+
+class RecordedKernel(Kernel):
+    """A recorded tree: <root>/proc/... and <root>/sys/...; no syscalls, no events."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        self.description = f"recorded tree {root}"
+
+    def path(self, path: str) -> str:
+        return os.path.join(self.root, path.lstrip("/"))
+
+    def _tgid_of(self, tid: int) -> int:
+        # recorded trees keep threads under their process only: find the owner once
+        for entry in self.listdir("/proc"):
+            if entry.isdigit() and os.path.isdir(self.path(f"/proc/{entry}/task/{tid}")):
+                return int(entry)
+        raise ProcessLookupError(errno.ESRCH, f"no thread {tid}")
+
+    def _stat_of(self, tid: int):
+        return parse_stat(self.stat(self._tgid_of(tid), tid))
+
+    def policies(self, tids: Sequence[int]) -> list[int]:
+        return [_or_gone(lambda t: self._stat_of(t).policy, t) for t in tids]
+
+    def nices(self, tids: Sequence[int]) -> list[int]:
+        return [_or_gone(lambda t: self._stat_of(t).nice, t) for t in tids]
+
+    def sched_detail(self, tgid: int, tid: int) -> SchedDetail:
+        st = parse_stat(self.stat(tgid, tid))
+        if st.policy != SCHED_DEADLINE:
+            return SchedDetail(st.policy, st.rt_priority, st.nice)
+        runtime, deadline, period = parse_sched_dl(
+            self.read_text(f"/proc/{tgid}/task/{tid}/sched"))
+        return SchedDetail(st.policy, st.rt_priority, st.nice, runtime, deadline, period)
+
+    def affinity(self, tgid: int, tid: int) -> frozenset[int]:
+        return parse_status_cpus(self.read_text(f"/proc/{tgid}/task/{tid}/status"))
+
+
+def wait_readable(fds: Sequence[int], timeout: float) -> list[int]:
+    """select() helper for tests and benchmarks that drive an Observer."""
+    if not fds:
+        return []
+    return select.select(list(fds), [], [], timeout)[0]
