@@ -109,3 +109,63 @@ class VcpuCapacity:
 def neutral_hints(nr_vcpus: int) -> tuple[VcpuHint, ...]:
     """What a guest publishes when it has nothing to say (or is stopping)."""
     return tuple(VcpuHint(vcpu=i) for i in range(nr_vcpus))
+
+
+# --- limits and validation shared by both encodings (docs/protocol.md, "Validation") ---
+
+MAX_VCPUS = 4096  # largest nr_vcpus either encoding accepts
+HEARTBEAT_PERIOD = 1.0  # seconds between heartbeats a writer should keep
+STALE_AFTER = 5.0  # reader-side: no heartbeat change for this long means the peer is stale
+HINT_FLAG_MASK = int(HintFlag.CRITICAL_IRQ | HintFlag.PINNED_CRITICAL
+                     | HintFlag.LATENCY_SLEEPER | HintFlag.IDLE)
+APPLIED_FLAG_MASK = int(AppliedFlag.BOOSTED | AppliedFlag.THROTTLED | AppliedFlag.DENIED
+                        | AppliedFlag.CLAMPED | AppliedFlag.PINNED | AppliedFlag.COLOCATED)
+FEATURE_MASK = int(Feature.CAPACITY | Feature.COLOCATION | Feature.NICE_HINTS
+                   | Feature.DEADLINE_HINTS)
+
+
+def _clamp(value: int, low: int, high: int) -> int:
+    return low if value < low else high if value > high else value
+
+
+def make_hint(vcpu: int, request: int, sched_class: int, rt_priority: int, nice: int,
+              flags: int, group: int) -> VcpuHint:
+    """Build a hint from raw wire integers, applying the decode rules.
+
+    Unknown request -> NEUTRAL (a v1 host must not boost for a request it does
+    not understand); unknown class -> OTHER; unknown flag bits dropped;
+    rt_priority clamped to 0..99, nice to -20..19, group to 0..0xFFFF.
+    """
+    req = Request(request) if request in Request._value2member_map_ else Request.NEUTRAL
+    cls = (SchedClass(sched_class) if sched_class in SchedClass._value2member_map_
+           else SchedClass.OTHER)
+    return VcpuHint(vcpu=vcpu, request=req, sched_class=cls,
+                    rt_priority=_clamp(rt_priority, 0, RT_PRIORITY_MAX),
+                    nice=_clamp(nice, NICE_MIN, NICE_MAX),
+                    flags=HintFlag(flags & HINT_FLAG_MASK),
+                    group=_clamp(group, 0, GROUP_MAX))
+
+
+def make_capacity(vcpu: int, capacity: int, pcpu: int, host_load: int, applied: int,
+                  acked_generation: int) -> VcpuCapacity:
+    """Build a capacity from raw wire integers, applying the decode rules.
+
+    capacity clamped to 0..1024, host_load to -1..1024, pcpu below -1 -> -1,
+    unknown applied bits dropped, acked_generation below 0 -> 0.
+    """
+    return VcpuCapacity(vcpu=vcpu, capacity=_clamp(capacity, 0, CAPACITY_MAX),
+                        pcpu=max(pcpu, -1), host_load=_clamp(host_load, -1, CAPACITY_MAX),
+                        applied=AppliedFlag(applied & APPLIED_FLAG_MASK),
+                        acked_generation=max(acked_generation, 0))
+
+
+def normalise_hint(hint: VcpuHint) -> VcpuHint:
+    """The hint as the peer will decode it (clamped, unknown values replaced)."""
+    return make_hint(hint.vcpu, int(hint.request), int(hint.sched_class), hint.rt_priority,
+                     hint.nice, int(hint.flags), hint.group)
+
+
+def normalise_capacity(cap: VcpuCapacity) -> VcpuCapacity:
+    """The capacity as the peer will decode it."""
+    return make_capacity(cap.vcpu, cap.capacity, cap.pcpu, cap.host_load, int(cap.applied),
+                         cap.acked_generation)

@@ -1,0 +1,243 @@
+"""Channel connections, one per role: bytes in -> events, events -> bytes out.
+
+In the manner of h11: no IO and no clock. The link feeds received bytes to
+receive_data(), acts on the events, and writes data_to_send(). Replies the
+protocol requires without a decision (sync-ack, welcome/refusal, the error
+for an oversized line) are queued by the connection itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Generic, TypeVar, Union
+
+from guestagent.protocol.channel import (
+    MAX_LINE,
+    RESET,
+    LineDropped,
+    LineFramer,
+    decode_line,
+    encode_message,
+)
+from guestagent.protocol.errors import ProtocolError
+from guestagent.protocol.messages import (
+    Ack,
+    Capacity,
+    CapacityPart,
+    Error,
+    Heartbeat,
+    Hello,
+    Hints,
+    HintsPart,
+    Sync,
+    SyncAck,
+    Unknown,
+    Welcome,
+)
+from guestagent.protocol.model import Feature, VcpuCapacity, VcpuHint
+from guestagent.protocol.negotiation import negotiate
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class BadLine:
+    """A line was dropped (malformed, invalid or oversized); the stream goes on."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Resync:
+    """The peer (re)connected and asked to sync: re-send the full current state."""
+
+
+GuestEvent = Union[Welcome, Capacity, Ack, Heartbeat, Error, Resync, BadLine]
+HostEvent = Union[Hello, Hints, Heartbeat, Error, Resync, BadLine]
+
+
+@dataclass
+class Counters:
+    """Per-connection error counters, shown by the links' views."""
+
+    bad_lines: int = 0  # malformed or invalid lines
+    dropped_lines: int = 0  # oversized lines
+    unknown: int = 0  # well-formed lines of unknown type, ignored
+    stale: int = 0  # lines discarded while waiting for our sync-ack
+    resets: int = 0  # 0xFF bytes received
+
+
+class _Assembler(Generic[T]):
+    """Joins the parts of one table; a part of another table discards the rest."""
+
+    def __init__(self) -> None:
+        self._key: tuple[int, int, int] | None = None
+        self._got: dict[int, tuple[T, ...]] = {}
+
+    def add(self, key: int, nr: int, part: int, parts: int,
+            items: tuple[T, ...]) -> list[T] | None:
+        if self._key != (key, nr, parts):
+            self._key, self._got = (key, nr, parts), {}
+        self._got[part] = items
+        if len(self._got) < parts:
+            return None
+        merged = [item for p in sorted(self._got) for item in self._got[p]]
+        self._key, self._got = None, {}
+        return merged
+
+
+class _Connection:
+    def __init__(self) -> None:
+        self._framer = LineFramer()
+        self._out = bytearray()
+        self._awaiting: int | None = None  # id of our sync not yet acknowledged
+        self._next_sync = 1
+        self.counters = Counters()
+        self.state = "down"  # "down" | "negotiating" | "up" | "refused"
+
+    def connect(self) -> None:
+        """The byte stream was (re)opened: reset parsing and ask the peer to sync."""
+        self._framer.reset()
+        self._out.clear()
+        self._awaiting = self._next_sync
+        self._next_sync += 1
+        self._out += RESET + encode_message(Sync(self._awaiting))
+        self.state = "negotiating"
+
+    def disconnect(self) -> None:
+        self._framer.reset()
+        self._out.clear()
+        self._awaiting = None
+        self.state = "down"
+
+    def data_to_send(self) -> bytes:
+        data = bytes(self._out)
+        self._out.clear()
+        return data
+
+    def send(self, msg: object) -> None:
+        self._out += encode_message(msg)  # type: ignore[arg-type]
+
+    def receive_data(self, data: bytes) -> list:
+        events: list = []
+        resets = self._framer.resets
+        for item in self._framer.feed(data):
+            if isinstance(item, LineDropped):
+                self.counters.dropped_lines += 1
+                events.append(BadLine(f"line of {item.size}+ bytes dropped (limit {MAX_LINE})"))
+                self.send(Error("line-too-long", f"dropped a line of {item.size}+ bytes"))
+                continue
+            try:
+                msg = decode_line(item)
+            except ProtocolError as err:
+                self.counters.bad_lines += 1
+                events.append(BadLine(str(err)))
+                continue
+            if isinstance(msg, Sync):
+                self.send(SyncAck(msg.id))
+                self._on_peer_sync()
+                events.append(Resync())
+            elif isinstance(msg, SyncAck):
+                if msg.id == self._awaiting:
+                    self._awaiting = None
+            elif self._awaiting is not None:
+                self.counters.stale += 1
+            elif isinstance(msg, Unknown):
+                self.counters.unknown += 1
+            else:
+                events.extend(self._handle(msg))
+        self.counters.resets += self._framer.resets - resets
+        return events
+
+    def _on_peer_sync(self) -> None:
+        pass
+
+    def _handle(self, msg: object) -> list:
+        raise NotImplementedError
+
+
+class GuestConnection(_Connection):
+    """The guest's end: says hello after every sync, sends hints once welcomed."""
+
+    def __init__(self, features: Feature, epoch: int, nr_vcpus: int) -> None:
+        super().__init__()
+        self.hello = Hello(features=features, epoch=epoch, nr_vcpus=nr_vcpus)
+        self.features = Feature.NONE  # in use, once welcomed
+        self.host_epoch = 0
+        self.refusal = ""
+        self._capacity: _Assembler[VcpuCapacity] = _Assembler()
+
+    def connect(self) -> None:
+        super().connect()
+        self.send(self.hello)
+
+    def _on_peer_sync(self) -> None:
+        self.state = "negotiating"
+        self.send(self.hello)
+
+    def _handle(self, msg: object) -> list:
+        if isinstance(msg, Welcome):
+            if msg.accepted:
+                self.state = "up"
+                self.features = Feature(msg.features & self.hello.features)
+                self.host_epoch = msg.epoch
+                self.refusal = ""
+            else:
+                self.state = "refused"
+                self.refusal = msg.reason
+            return [msg]
+        if isinstance(msg, CapacityPart):
+            table = self._capacity.add(msg.seq, msg.nr_vcpus, msg.part, msg.parts,
+                                       msg.capacities)
+            if table is None:
+                return []
+            caps = [VcpuCapacity(vcpu=i) for i in range(msg.nr_vcpus)]
+            for cap in table:
+                caps[cap.vcpu] = cap
+            return [Capacity(msg.seq, tuple(caps))]
+        if isinstance(msg, (Ack, Heartbeat, Error)):
+            return [msg]
+        self.counters.unknown += 1  # a host-only message sent to us
+        return []
+
+
+class HostConnection(_Connection):
+    """The host's end: answers hello, delivers assembled hint tables once accepted."""
+
+    def __init__(self, features: Feature, epoch: int) -> None:
+        super().__init__()
+        self.host_features = features
+        self.epoch = epoch
+        self.features = Feature.NONE
+        self.hello: Hello | None = None
+        self._hints: _Assembler[VcpuHint] = _Assembler()
+
+    def _on_peer_sync(self) -> None:
+        self.state = "negotiating"  # the guest will say hello again
+
+    def _handle(self, msg: object) -> list:
+        if isinstance(msg, Hello):
+            verdict = negotiate(msg.protocol, msg.major, msg.minor, msg.features,
+                                self.host_features)
+            self.send(Welcome(accepted=verdict.accepted, features=self.host_features,
+                              epoch=self.epoch, reason=verdict.reason))
+            self.hello = msg
+            self.features = verdict.features
+            self.state = "up" if verdict.accepted else "refused"
+            return [msg]
+        if isinstance(msg, HintsPart):
+            if self.state != "up" or self.hello is None:
+                self.counters.stale += 1
+                return []
+            table = self._hints.add(msg.generation, msg.nr_vcpus, msg.part, msg.parts,
+                                    msg.hints)
+            if table is None:
+                return []
+            hints = [VcpuHint(vcpu=i) for i in range(msg.nr_vcpus)]
+            for hint in table:
+                hints[hint.vcpu] = hint
+            return [Hints(msg.generation, tuple(hints))]
+        if isinstance(msg, (Heartbeat, Error)):
+            return [msg]
+        self.counters.unknown += 1
+        return []
