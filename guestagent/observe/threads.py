@@ -226,7 +226,7 @@ class ThreadTable:
         try:
             return self._kernel.readlink(f"/proc/{tgid}/exe")
         except PermissionError:
-            self._note("exe-perm", "executable paths of other users' processes are unreadable "
+            self._note("exe-perm", "executable paths of some processes are unreadable "
                        "(permission denied): shown empty")
         except OSError:
             pass  # kernel threads have no exe; a process that left has none either
