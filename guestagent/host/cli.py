@@ -1,0 +1,146 @@
+"""The `guestagent-host` command line: run the peer beside one VM, or show its status."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+
+from guestagent import __version__
+from guestagent.cli import run_command
+from guestagent.errors import GuestagentError
+from guestagent.host.status import DEFAULT_STATUS_SOCKET
+from guestagent.protocol.model import CAPACITY_MAX
+
+CONTEND_DEFAULT = 0  # a vCPU named by --contend alone is reported as fully contended
+
+
+def _contend(text: str) -> tuple[int, int]:
+    vcpu, _, cap = text.partition("=")
+    try:
+        pair = int(vcpu), int(cap) if cap else CONTEND_DEFAULT
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected VCPU[=CAPACITY]") from None
+    if pair[0] < 0 or not 0 <= pair[1] <= CAPACITY_MAX:
+        raise argparse.ArgumentTypeError(f"{text!r}: capacity must be 0..{CAPACITY_MAX}")
+    return pair
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="guestagent-host",
+        description="Reference host peer: apply a guest's vCPU hints to QEMU's vCPU threads "
+                    "within host limits, and publish per-vCPU capacity back.")
+    parser.add_argument("--version", action="version", version=f"guestagent-host {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="attach to one VM and serve it until stopped",
+                         description="Attach to one VM's vCPU threads and its guestagent link. "
+                                     "On exit every changed thread is restored.")
+    run.add_argument("--qmp", metavar="SOCK",
+                     help="QEMU's QMP unix socket (finds vCPU threads with query-cpus-fast)")
+    run.add_argument("--pid", type=int, metavar="PID",
+                     help="QEMU's pid: find vCPU threads by name (CPU n/KVM, CPU n/TCG)")
+    link = run.add_mutually_exclusive_group()
+    link.add_argument("--channel", metavar="SOCK",
+                      help="unix socket of the virtio-serial chardev org.guestagent.hints.0")
+    link.add_argument("--region", metavar="FILE",
+                      help="backing file of the ivshmem-plain region (under /dev/shm)")
+    run.add_argument("--config", metavar="FILE", help="host limits (TOML); defaults if omitted")
+    run.add_argument("--dry-run", action="store_true",
+                     help="log what would change; touch no thread")
+    run.add_argument("--status-socket", metavar="PATH", default=DEFAULT_STATUS_SOCKET,
+                     help=f"where `status` finds this peer (default {DEFAULT_STATUS_SOCKET})")
+    run.add_argument("--contend", metavar="VCPU[=CAPACITY]", type=_contend, action="append",
+                     default=[], help="report VCPU's capacity as CAPACITY (default "
+                                      f"{CONTEND_DEFAULT}) whatever the host load; repeatable")
+    run.add_argument("-v", "--verbose", action="store_true", help="log every change")
+    run.set_defaults(func=cmd_run)
+
+    status = sub.add_parser("status", help="show a running peer's per-vCPU state",
+                            description="Per vCPU: the guest's hint, the policy applied, the "
+                                        "physical CPU, the capacity published, lease state.")
+    status.add_argument("--json", action="store_true", help="the full document as JSON")
+    status.add_argument("--status-socket", metavar="PATH", default=DEFAULT_STATUS_SOCKET,
+                        help=f"the peer's status socket (default {DEFAULT_STATUS_SOCKET})")
+    status.set_defaults(func=cmd_status)
+    return parser
+
+
+def _log_to_stderr(verbose: bool):
+    def log(msg: str) -> None:
+        if verbose or not msg.startswith("vCPU ") or "cannot" in msg or "asked" in msg:
+            print(f"guestagent-host: {msg}", file=sys.stderr, flush=True)
+    return log
+
+
+def open_link(args: argparse.Namespace):
+    """The transport link the guest uses, or None when neither is given."""
+    if args.channel is None and args.region is None:
+        return None
+    from guestagent.host.links import open_host_link
+    return open_host_link(channel=args.channel, region=args.region)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from guestagent.host.applier import ThreadApplier
+    from guestagent.host.config import load_limits
+    from guestagent.host.discovery import discover
+    from guestagent.host.peer import HostPeer
+    from guestagent.host.status import listen
+
+    limits = load_limits(args.config)
+    if args.contend:
+        limits = replace(limits, contend={**limits.contend, **dict(args.contend)})
+    if not args.dry_run and os.geteuid() != 0:
+        raise GuestagentError("changing another process's scheduling needs root "
+                              "(or CAP_SYS_NICE); use --dry-run to only log")
+    log = _log_to_stderr(args.verbose or args.dry_run)
+    pid, threads = discover(args.qmp, args.pid)
+    pin_cpus = limits.pin_cpus if limits.pin_cpus is not None else frozenset(
+        os.sched_getaffinity(0))
+    applier = ThreadApplier(pid, threads, args.dry_run, log)
+    log(f"attached to QEMU pid {pid}: " + ", ".join(
+        f"vCPU {t.vcpu} tid {t.tid}" for t in threads))
+    status = listen(args.status_socket) if args.status_socket else None
+    link = None
+    try:
+        link = open_link(args)
+        peer = HostPeer(applier, limits, pin_cpus, link, log, time.monotonic)
+        return peer.run(status)
+    finally:
+        applier.restore_all()  # also when attaching the link failed
+        if status is not None:
+            status.close()
+            try:
+                os.unlink(args.status_socket)
+            except OSError:
+                pass
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from guestagent.host.status import fetch, format_status
+
+    doc = fetch(args.status_socket)
+    if args.json:
+        print(json.dumps(doc, indent=2, sort_keys=True))
+    else:
+        print(format_status(doc))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return run_command(args.func, args, parser.prog)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

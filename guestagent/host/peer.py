@@ -1,0 +1,209 @@
+"""The daemon loop: one selector over the link, the status socket and a signal fd.
+
+Each wake-up reads what the guest says, decides (pure), applies the difference,
+and publishes capacity when due. Sleeping until the next deadline (lease
+expiry, flood limit, capacity period, the link's own timers) means no busy loop
+and a revert no later than the lease end.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import socket
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any, Callable, Protocol
+
+from guestagent.host.applier import Log, ThreadApplier
+from guestagent.host.capacity import Sample, capacities, read_sample
+from guestagent.host.config import HostLimits
+from guestagent.host.decide import GuestInput, Plan, decide, initial_plan
+from guestagent.host.status import PeerSnapshot, answer, flag_names, status_document
+from guestagent.protocol.model import AppliedFlag, PeerState, VcpuCapacity, VcpuHint
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class HostLinkLike(Protocol):
+    """What the peer needs from a transport link (guestagent.transport)."""
+
+    kind: str
+
+    def fileno(self) -> int | None: ...
+    def on_readable(self, now: float) -> None: ...
+    def publish_capacity(self, caps: Sequence[VcpuCapacity], now: float) -> None: ...
+    def tick(self, now: float) -> float | None: ...
+    def view(self) -> Any: ...
+    def close(self) -> None: ...
+
+
+def guest_input(view: Any) -> tuple[GuestInput, int]:
+    """The decision's input and the hint generation, from a link's view."""
+    try:
+        state = PeerState(int(view.guest_state))
+    except (ValueError, TypeError):
+        state = PeerState.ABSENT
+    hints = tuple(h for h in view.hints if isinstance(h, VcpuHint))
+    last = view.last_heard if isinstance(view.last_heard, (int, float)) else None
+    return GuestInput(state, hints, last), int(view.generation)
+
+
+class HostPeer:
+    """One VM: its vCPU threads, its link, its limits."""
+
+    def __init__(self, applier: ThreadApplier, limits: HostLimits, pin_cpus: frozenset[int],
+                 link: HostLinkLike | None, log: Log,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.applier = applier
+        self.limits = limits
+        self.pin_cpus = pin_cpus
+        self.link = link
+        self.log = log
+        self.clock = clock
+        self.plan: Plan = initial_plan(applier.originals)
+        self.guest = GuestInput()
+        self.generation = 0
+        self.published: dict[int, VcpuCapacity] = {}
+        self.counters: Counter[str] = Counter()
+        self._sample: Sample | None = None
+        self._next_capacity = float("-inf")  # publish on the first step
+
+    def _link_call(self, what: str, func: Callable[[], Any]) -> Any:
+        # The link parses untrusted bytes; whatever goes wrong there must not end the peer.
+        try:
+            return func()
+        except Exception as err:  # noqa: BLE001 - counted and logged, never fatal
+            self.counters["link_errors"] += 1
+            if self.counters["link_errors"] <= 10:
+                self.log(f"link {what}: {type(err).__name__}: {err}")
+            return None
+
+    def step(self, now: float) -> float | None:
+        """Decide and apply; publish capacity if due. Returns the next deadline."""
+        deadlines: list[float] = []
+        if self.link is not None:
+            view = self._link_call("view", self.link.view)
+            if view is not None:
+                try:
+                    self.guest, self.generation = guest_input(view)
+                except (AttributeError, TypeError, ValueError) as err:
+                    self.counters["bad_views"] += 1
+                    self.log(f"link view unusable: {err}")
+        plan = decide(self.guest, self.applier.originals, self.limits, self.pin_cpus,
+                      self.plan, now)
+        self.counters["rejected_hints"] += plan.rejected
+        if plan.lease != self.plan.lease:
+            self.log(f"lease {plan.lease.value}")
+        self.plan = self._apply(plan)
+        if plan.next_deadline is not None:
+            deadlines.append(plan.next_deadline)
+        if now >= self._next_capacity:
+            self._publish(now)
+            self._next_capacity = now + self.limits.capacity_period
+        deadlines.append(self._next_capacity)
+        if self.link is not None:
+            nxt = self._link_call("tick", lambda: self.link.tick(now))
+            if nxt is not None:
+                deadlines.append(nxt)
+        return min(deadlines)
+
+    def _apply(self, plan: Plan) -> Plan:
+        """Apply each vCPU's settings; a refused change is reported as DENIED."""
+        vcpus = dict(plan.vcpus)
+        for vcpu, p in plan.vcpus.items():
+            if vcpu in self.applier.gone:
+                continue
+            if self.applier.current.get(vcpu) == p.settings:
+                continue
+            got = self.applier.apply(vcpu, p.settings)
+            if got is None and vcpu not in self.applier.gone:
+                self.counters["apply_failures"] += 1
+                flags = p.applied & ~(AppliedFlag.BOOSTED | AppliedFlag.THROTTLED
+                                      | AppliedFlag.PINNED)
+                vcpus[vcpu] = replace(p, settings=self.applier.current[vcpu],
+                                      applied=flags | AppliedFlag.DENIED)
+            elif got is not None:
+                self.log(f"vCPU {vcpu}: {got.describe()} [{','.join(flag_names(p.applied))}]")
+        return replace(plan, vcpus=vcpus)
+
+    def _publish(self, now: float) -> None:
+        sample = read_sample(self.applier.pid, self.applier.tids())
+        before = self._sample or sample
+        self._sample = sample
+        flags = {v: p.applied for v, p in self.plan.vcpus.items()}
+        caps = capacities(before, sample, flags, self.limits.contend, self.generation)
+        self.published = {c.vcpu: c for c in caps}
+        if self.link is not None:
+            self._link_call("publish", lambda: self.link.publish_capacity(caps, now))
+
+    def snapshot(self, now: float) -> PeerSnapshot:
+        return PeerSnapshot(
+            pid=self.applier.pid, link=self.link.kind if self.link else None,
+            guest_state=self.guest.state.name, generation=self.generation, plan=self.plan,
+            current=dict(self.applier.current), tids=self.applier.tids(),
+            published=dict(self.published), counters=dict(self.counters),
+            dry_run=self.applier.dry_run, now=now)
+
+    def qemu_alive(self) -> bool:
+        return os.path.exists(f"/proc/{self.applier.pid}")
+
+    def run(self, status: socket.socket | None) -> int:
+        """Serve until a stop signal or QEMU exits; restore every thread on the way out."""
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        stop: list[int] = []
+
+        def on_signal(signum: int, _frame: object) -> None:
+            stop.append(signum)
+
+        old_handlers = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
+        old_fd = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+        # poll keeps no kernel-side registrations, so a link fd reused after reconnect is safe.
+        sel = selectors.PollSelector()
+        sel.register(wake_r, selectors.EVENT_READ, "wake")
+        if status is not None:
+            sel.register(status, selectors.EVENT_READ, "status")
+        link_fd: int | None = None
+        try:
+            while not stop:
+                now = self.clock()
+                fd = self._link_call("fileno", self.link.fileno) if self.link else None
+                if fd != link_fd:  # the link reconnected (or dropped): follow its fd
+                    if link_fd is not None:
+                        sel.unregister(link_fd)
+                    if fd is not None:
+                        sel.register(fd, selectors.EVENT_READ, "link")
+                    link_fd = fd
+                deadline = self.step(now)
+                if not self.qemu_alive():
+                    self.log(f"QEMU (pid {self.applier.pid}) exited")
+                    break
+                timeout = None if deadline is None else max(0.0, deadline - self.clock())
+                for key, _ in sel.select(timeout):
+                    if key.data == "wake":
+                        try:
+                            wake_r.recv(4096)
+                        except BlockingIOError:
+                            pass
+                    elif key.data == "status":
+                        answer(status, status_document(self.snapshot(self.clock())))
+                    elif key.data == "link" and self.link is not None:
+                        self._link_call("read", lambda: self.link.on_readable(self.clock()))
+        finally:
+            self.applier.restore_all()
+            if self.link is not None:
+                self._link_call("close", self.link.close)
+            sel.close()
+            signal.set_wakeup_fd(old_fd)
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+            wake_r.close()
+            wake_w.close()
+        if stop:
+            self.log(f"stopping on {signal.Signals(stop[0]).name}; threads restored")
+        return 0

@@ -1,0 +1,181 @@
+"""`guestagent-host status`: the running peer's state as a JSON document.
+
+The peer answers each connection to its status socket with one document and
+closes it; building and formatting the document are pure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from guestagent.errors import GuestagentError
+from guestagent.host.decide import Plan
+from guestagent.host.settings import ThreadSettings, format_cpus
+from guestagent.protocol.model import AppliedFlag, VcpuCapacity, VcpuHint
+
+DEFAULT_STATUS_SOCKET = "/run/guestagent-host/status.sock"
+MAX_DOCUMENT = 4 << 20
+
+
+def flag_names(flags: AppliedFlag) -> list[str]:
+    return [f.name.lower() for f in AppliedFlag if f and f in flags and f.name]
+
+
+def _hint_doc(hint: VcpuHint | None) -> dict[str, Any] | None:
+    if hint is None:
+        return None
+    return {"request": hint.request.name.lower(), "class": hint.sched_class.name.lower(),
+            "rt_priority": hint.rt_priority, "nice": hint.nice, "group": hint.group,
+            "flags": int(hint.flags)}
+
+
+@dataclass(frozen=True)
+class PeerSnapshot:
+    """Everything status shows, captured by the peer loop."""
+
+    pid: int
+    link: str | None
+    guest_state: str
+    generation: int
+    plan: Plan
+    current: Mapping[int, ThreadSettings]  # as read back from the kernel
+    tids: Mapping[int, int]
+    published: Mapping[int, VcpuCapacity]
+    counters: Mapping[str, int]
+    dry_run: bool
+    now: float
+
+
+def status_document(snap: PeerSnapshot) -> dict[str, Any]:
+    plan = snap.plan
+    vcpus = []
+    for vcpu in sorted(plan.vcpus):
+        p = plan.vcpus[vcpu]
+        cur = snap.current.get(vcpu, p.settings)
+        cap = snap.published.get(vcpu)
+        vcpus.append({
+            "vcpu": vcpu,
+            "tid": snap.tids.get(vcpu),
+            "hint": _hint_doc(p.hint),
+            "applied": flag_names(p.applied),
+            "policy": cur.describe().split(" cpus ")[0],
+            "cpus": format_cpus(cur.affinity),
+            "pcpu": cap.pcpu if cap else -1,
+            "capacity": cap.capacity if cap else None,
+            "host_load": cap.host_load if cap else None,
+        })
+    expires = plan.lease_expires
+    return {
+        "qemu_pid": snap.pid,
+        "link": snap.link,
+        "guest_state": snap.guest_state,
+        "generation": snap.generation,
+        "lease": plan.lease.value,
+        "lease_remaining": round(expires - snap.now, 3) if expires is not None else None,
+        "dry_run": snap.dry_run,
+        "counters": dict(snap.counters),
+        "vcpus": vcpus,
+    }
+
+
+def format_status(doc: Mapping[str, Any]) -> str:
+    """A table for people; --json gives the document itself."""
+    remaining = doc.get("lease_remaining")
+    lease = doc.get("lease", "?") + (f" ({remaining:.1f}s left)"
+                                     if remaining is not None and remaining > 0 else "")
+    lines = [
+        f"qemu pid {doc.get('qemu_pid')}  link {doc.get('link') or 'none'}  "
+        f"guest {doc.get('guest_state')}  generation {doc.get('generation')}  lease {lease}"
+        + ("  DRY RUN" if doc.get("dry_run") else ""),
+        f"{'VCPU':>4} {'TID':>8}  {'HINT':<18} {'APPLIED':<22} {'POLICY':<14} "
+        f"{'CPUS':<8} {'PCPU':>4} {'CAPACITY':>8}",
+    ]
+    for v in doc.get("vcpus", []):
+        hint = v.get("hint")
+        if hint:
+            level = (f"{hint['class']} {hint['rt_priority']}"
+                     if hint["class"] in ("fifo", "rr", "deadline") else f"nice {hint['nice']}")
+            text = f"{hint['request']} {level}" if hint["request"] != "neutral" else "neutral"
+            if hint.get("group"):
+                text += f" g{hint['group']}"
+        else:
+            text = "-"
+        cap = v.get("capacity")
+        lines.append(
+            f"{v['vcpu']:>4} {v.get('tid') or '-':>8}  {text:<18} "
+            f"{','.join(v.get('applied') or []) or '-':<22} {v.get('policy', '-'):<14} "
+            f"{v.get('cpus', '-'):<8} {v.get('pcpu', -1):>4} {'-' if cap is None else cap:>8}")
+    counters = doc.get("counters") or {}
+    if any(counters.values()):
+        lines.append("counters: " + ", ".join(f"{k} {n}" for k, n in sorted(counters.items())))
+    return "\n".join(lines)
+
+
+def listen(path: str) -> socket.socket:
+    """The status socket, non-blocking; a stale socket file from a dead peer is replaced."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except FileNotFoundError:
+        pass
+    except ConnectionRefusedError:
+        os.unlink(path)
+    else:
+        raise GuestagentError(f"{path}: another guestagent-host is already serving status")
+    finally:
+        probe.close()
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    os.chmod(path, 0o660)
+    server.listen(8)
+    server.setblocking(False)
+    return server
+
+
+def answer(server: socket.socket, doc: Mapping[str, Any]) -> None:
+    """Send the document to one waiting client; a client that misbehaves is dropped."""
+    try:
+        conn, _ = server.accept()
+    except (BlockingIOError, InterruptedError):
+        return
+    with conn:
+        conn.settimeout(1.0)
+        try:
+            conn.sendall(json.dumps(doc).encode() + b"\n")
+        except OSError:
+            pass
+
+
+def fetch(path: str, timeout: float = 5.0) -> dict[str, Any]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+            chunks = []
+            size = 0
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > MAX_DOCUMENT:
+                    raise GuestagentError(f"{path}: status document too large")
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise GuestagentError(f"{path}: no guestagent-host running "
+                                  "(or give its --status-socket)") from None
+        except OSError as err:
+            raise GuestagentError(f"{path}: {err.strerror or err}") from None
+    try:
+        doc = json.loads(b"".join(chunks))
+    except ValueError:
+        raise GuestagentError(f"{path}: malformed status document") from None
+    if not isinstance(doc, dict):
+        raise GuestagentError(f"{path}: malformed status document")
+    return doc
