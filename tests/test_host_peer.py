@@ -237,3 +237,66 @@ def test_cli_run_status_and_sigterm(standin, tmp_path):
     finally:
         peer.kill()
         peer.wait()
+
+
+PEER_SCRIPT = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from test_host_peer import LIMITS, ScriptedLink, fifo
+from guestagent.host.applier import ThreadApplier
+from guestagent.host.discovery import discover
+from guestagent.host.peer import HostPeer
+from guestagent.protocol.model import PeerState, VcpuHint
+
+class Renewing(ScriptedLink):
+    # A guest that keeps its heartbeat going: the boost holds until the peer is stopped.
+    def view(self):
+        self.guest(fifo(0, 30, group=1), VcpuHint(1, group=1), now=time.monotonic())
+        return self.state
+    def tick(self, now):
+        return now + 0.05
+
+pid, threads = discover({qmp!r})
+applier = ThreadApplier(pid, threads, dry_run={dry!r}, log=print)
+peer = HostPeer(applier, LIMITS, frozenset({{0, 1}}), Renewing(), print)
+print("running", flush=True)
+sys.exit(peer.run(None))
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_peer_process_restores_threads_on_signal(standin, sig):
+    tids = standin.tids
+    before = {t: kernel(t) for t in tids.values()}
+    script = PEER_SCRIPT.format(tests=os.path.dirname(__file__), qmp=standin.qmp, dry=False)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "running"
+        for _ in range(100):
+            if kernel(tids[0])[0] == os.SCHED_FIFO:
+                break
+            time.sleep(0.02)
+        assert kernel(tids[0])[:2] == (os.SCHED_FIFO, 30)
+        assert kernel(tids[0])[3] != kernel(tids[1])[3]  # pinned apart
+        proc.send_signal(sig)
+        assert proc.wait(10) == 0
+        assert {t: kernel(t) for t in tids.values()} == before
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_dry_run_peer_changes_nothing(standin):
+    before = {t: kernel(t) for t in standin.tids.values()}
+    script = PEER_SCRIPT.format(tests=os.path.dirname(__file__), qmp=standin.qmp, dry=True)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "running"
+        lines = [proc.stdout.readline() for _ in range(3)]  # lease, then one per vCPU
+        assert any("dry run: vCPU 0" in line and "would set fifo 30" in line for line in lines)
+        assert {t: kernel(t) for t in standin.tids.values()} == before
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        proc.kill()
+        proc.wait()
