@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import shutil
 from dataclasses import dataclass, field
-from typing import Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PF_KTHREAD, PF_NO_SETAFFINITY = 0x00200000, 0x04000000
@@ -37,14 +36,14 @@ class Task:
     processor: int = 0
     state: str = "S"
     flags: int = USER_FLAGS
-    dl: Optional[tuple] = None  # (runtime, deadline, period) ns
+    dl: tuple | None = None  # (runtime, deadline, period) ns
 
 
 @dataclass
 class Process:
     pid: int
     tasks: list
-    exe: Optional[str] = None  # None: kernel thread
+    exe: str | None = None  # None: kernel thread
     cgroup: str = "/"
     ppid: int = 1
 
@@ -67,7 +66,7 @@ class Tree:
     possible: int
     online: list
     isolated: str = ""
-    nohz_full: Optional[str] = None
+    nohz_full: str | None = None
     processes: list = field(default_factory=list)
     irqs: list = field(default_factory=list)
     steal: dict = field(default_factory=dict)
