@@ -172,24 +172,30 @@ def test_proc_parsers_tolerate_garbage():
 
 
 def test_capacity_sees_a_hog_on_the_vcpus_pcpu(tmp_path):
+    # Whoever holds CPU 1 at SCHED_FIFO gets nearly all of it, so other load on this
+    # shared machine cannot blur the contrast: first the vCPU thread, then a hog.
     s = Standin(str(tmp_path / "q"), 1, mode="spin")
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         pid, threads = discover(s.qmp)
-        os.sched_setaffinity(s.tids[0], {1})
+        tid = s.tids[0]
+        os.sched_setaffinity(tid, {1})
+        os.sched_setaffinity(hog.pid, {1})
+        os.sched_setscheduler(hog.pid, os.SCHED_IDLE, os.sched_param(0))
 
         def measure():
             a = read_sample(pid, s.tids)
-            time.sleep(0.6)
+            time.sleep(0.5)
             return vcpu_capacity(a, read_sample(pid, s.tids), 0)
 
-        os.sched_setaffinity(hog.pid, {0})
-        alone = measure()
-        os.sched_setaffinity(hog.pid, {1})
-        shared = measure()
+        os.sched_setscheduler(tid, os.SCHED_FIFO, os.sched_param(1))
+        alone = measure()  # its own run time is not load on its pCPU
+        os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+        os.sched_setscheduler(hog.pid, os.SCHED_FIFO, os.sched_param(1))
+        shared = measure()  # the hog's is
         assert alone[2] == shared[2] == 1
-        # The spinning vCPU's own time is not load; the hog's is (about half the pCPU).
-        assert alone[0] > shared[0] + 200, (alone, shared)
+        assert alone[0] > 800 and shared[0] < 300, (alone, shared)
+        assert shared[1] == 1024 - shared[0]
     finally:
         hog.kill()
         hog.wait()

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from guestagent import __version__
-from guestagent.cli import run_command
+from guestagent.cli import dispatch
 from guestagent.errors import GuestagentError
 from guestagent.host.status import DEFAULT_STATUS_SOCKET
 from guestagent.protocol.model import CAPACITY_MAX
@@ -134,12 +134,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    return run_command(args.func, args, parser.prog)
+    return dispatch(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from guestagent.observe.parse import format_cpulist
+
 # The policy bits beside the policy number (SCHED_RESET_ON_FORK) survive a restore.
 POLICY_MASK = 0xFF
 RT_POLICIES = frozenset({os.SCHED_FIFO, os.SCHED_RR})
@@ -34,18 +36,5 @@ class ThreadSettings:
     def describe(self) -> str:
         name = POLICY_NAMES.get(self.policy & POLICY_MASK, str(self.policy))
         level = f"{name} {self.rt_priority}" if self.is_rt else f"{name} nice {self.nice}"
-        return f"{level} cpus {format_cpus(self.affinity)}"
+        return f"{level} cpus {format_cpulist(self.affinity) or '-'}"
 
-
-def format_cpus(cpus: frozenset[int]) -> str:
-    """CPU list in the kernel's style: 0-3,6."""
-    out: list[str] = []
-    ordered = sorted(cpus)
-    i = 0
-    while i < len(ordered):
-        j = i
-        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
-            j += 1
-        out.append(str(ordered[i]) if i == j else f"{ordered[i]}-{ordered[j]}")
-        i = j + 1
-    return ",".join(out) or "-"

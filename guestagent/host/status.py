@@ -15,7 +15,8 @@ from typing import Any
 
 from guestagent.errors import GuestagentError
 from guestagent.host.decide import Plan
-from guestagent.host.settings import ThreadSettings, format_cpus
+from guestagent.host.settings import ThreadSettings
+from guestagent.observe.parse import format_cpulist
 from guestagent.protocol.model import AppliedFlag, VcpuCapacity, VcpuHint
 
 DEFAULT_STATUS_SOCKET = "/run/guestagent-host/status.sock"
@@ -64,7 +65,7 @@ def status_document(snap: PeerSnapshot) -> dict[str, Any]:
             "hint": _hint_doc(p.hint),
             "applied": flag_names(p.applied),
             "policy": cur.describe().split(" cpus ")[0],
-            "cpus": format_cpus(cur.affinity),
+            "cpus": format_cpulist(cur.affinity) or "-",
             "pcpu": cap.pcpu if cap else -1,
             "capacity": cap.capacity if cap else None,
             "host_load": cap.host_load if cap else None,
