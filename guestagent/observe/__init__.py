@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from guestagent.observe.cpus import CpuState, CpuTable
+from guestagent.observe.cpus import CpuState, CpuTable, with_lowprio_threads
 from guestagent.observe.irqs import IrqInfo, IrqTable
 from guestagent.observe.kernel import Kernel, LiveKernel, RecordedKernel
 from guestagent.observe.pinned import pinned_critical
@@ -58,6 +58,8 @@ class Observer:
             self._threads.close()
             raise
         self._said: set = set()
+        self._lowprio_ticks: dict[int, int] = {}  # tid -> cpu ticks at the last snapshot
+        self._last_at: float | None = None
 
     @property
     def thread_mode(self) -> str:
@@ -83,6 +85,11 @@ class Observer:
         threads, thread_notes = self._threads.sweep()
         irqs, irq_notes = self._irqs.sweep(now, threads)
         cpus, cpu_notes = self._cpus.sweep(now)
+        if self._last_at is not None:
+            cpus = with_lowprio_threads(cpus, threads, self._lowprio_ticks,
+                                        now - self._last_at, self.kernel.clock_ticks())
+        self._lowprio_ticks = {t.tid: t.cpu_ticks for t in threads if t.is_lowprio}
+        self._last_at = now
         notes = thread_notes + take_new_notes(irq_notes + cpu_notes, self._said)
         return Snapshot(now, threads, len(self._threads), irqs, cpus, notes)
 

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from guestagent.observe.kernel import CpuMonitor, Kernel
 from guestagent.observe.parse import (
+    CpuTimes,
     ParseError,
     parse_cpulist,
     parse_mountinfo_cgroup2,
-    parse_proc_stat_steal,
+    parse_proc_stat_times,
     steal_fractions,
 )
+
+if TYPE_CHECKING:
+    from guestagent.observe.threads import ThreadInfo
 
 _CPU = "/sys/devices/system/cpu"
 
@@ -27,6 +32,11 @@ class CpuState:
     nohz_full: frozenset[int]
     partitions: frozenset[int]  # CPUs of isolated cgroup v2 cpuset partitions
     steal: Mapping[int, float] = field(default_factory=dict)  # fraction 0..1 since last sweep
+    # Shares of wall time since the previous sweep (empty on the first): busy is
+    # everything but idle, iowait and steal; lowprio is what niced, SCHED_BATCH
+    # and SCHED_IDLE work took of it.
+    busy: Mapping[int, float] = field(default_factory=dict)
+    lowprio: Mapping[int, float] = field(default_factory=dict)
 
     @property
     def offline(self) -> frozenset[int]:
@@ -69,12 +79,39 @@ def isolated_partitions(kernel: Kernel, root: str) -> frozenset[int]:
     return frozenset(cpus)
 
 
+def with_lowprio_threads(cpus: CpuState, threads: Iterable[ThreadInfo],
+                         prev_ticks: Mapping[int, int], seconds: float,
+                         hz: int) -> CpuState:
+    """Add the CPU time of SCHED_BATCH/IDLE and niced threads to each CPU's lowprio share.
+
+    /proc/stat's nice column misses SCHED_BATCH and SCHED_IDLE work at nice 0;
+    the threads' own run time, charged to the CPU they last ran on, covers it.
+    The larger of the two estimates counts, capped by the CPU's busy share.
+    """
+    if seconds <= 0 or not cpus.busy:
+        return cpus
+    ran: dict[int, float] = {}
+    for t in threads:
+        if t.is_lowprio and t.tid in prev_ticks:
+            delta = max(0, t.cpu_ticks - prev_ticks[t.tid]) / hz / seconds
+            ran[t.last_cpu] = ran.get(t.last_cpu, 0.0) + delta
+    lowprio = {cpu: min(busy, max(cpus.lowprio.get(cpu, 0.0), ran.get(cpu, 0.0)))
+               for cpu, busy in cpus.busy.items()}
+    return replace(cpus, lowprio=lowprio)
+
+
+def _fractions(prev: Mapping[int, CpuTimes], cur: Mapping[int, CpuTimes], column: str,
+               seconds: float, hz: int) -> dict[int, float]:
+    return steal_fractions({c: getattr(t, column) for c, t in prev.items()},
+                           {c: getattr(t, column) for c, t in cur.items()}, seconds, hz)
+
+
 class CpuTable:
     """Reads CPU state each sweep; keeps the previous steal counters for rates."""
 
     def __init__(self, kernel: Kernel, watch: bool = True) -> None:
         self._kernel = kernel
-        self._prev: dict[int, int] = {}
+        self._prev: dict[int, CpuTimes] = {}
         self._prev_at: float | None = None
         self._notes: list[tuple[str, str]] = []
         self.monitor: CpuMonitor | None = None
@@ -111,18 +148,26 @@ class CpuTable:
         if root:
             partitions = isolated_partitions(self._kernel, root)
         steal: dict[int, float] = {}
+        busy: dict[int, float] = {}
+        nice: dict[int, float] = {}
         try:
-            cur = parse_proc_stat_steal(self._kernel.read_text("/proc/stat"))
+            cur = parse_proc_stat_times(self._kernel.read_text("/proc/stat"))
         except (OSError, ParseError) as err:
             notes.append(("stat", f"/proc/stat unreadable ({getattr(err, 'strerror', err)}): "
                           "no steal time"))
         else:
-            dt = 0.0 if self._prev_at is None else now - self._prev_at
-            steal = steal_fractions(self._prev, cur, dt, self._kernel.clock_ticks())
+            if self._prev_at is not None:
+                dt, hz, prev = now - self._prev_at, self._kernel.clock_ticks(), self._prev
+                steal = _fractions(prev, cur, "steal", dt, hz)
+                busy = _fractions(prev, cur, "busy", dt, hz)
+                nice = _fractions(prev, cur, "nice", dt, hz)
+            else:
+                steal = {cpu: 0.0 for cpu in cur}
             self._prev, self._prev_at = cur, now
         if not possible:
             possible = online
-        return CpuState(possible, online, isolated, nohz, partitions, steal), notes
+        return CpuState(possible, online, isolated, nohz, partitions, steal, busy,
+                        nice), notes
 
     def _cpulist(self, path: str, notes: list[tuple[str, str]],
                  missing_ok: bool = False) -> frozenset[int]:

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 # /proc/<pid>/stat field positions counted after the closing ')' of comm
 # (man 5 proc numbers fields from 1; field 3 "state" is index 0 here).
-_STATE, _FLAGS, _NICE, _PROCESSOR, _RT_PRIORITY, _POLICY = 0, 6, 16, 36, 37, 38
+_STATE, _FLAGS, _UTIME, _STIME, _NICE = 0, 6, 11, 12, 16
+_PROCESSOR, _RT_PRIORITY, _POLICY = 36, 37, 38
 
 PF_KTHREAD = 0x00200000
 PF_NO_SETAFFINITY = 0x04000000  # per-CPU kernel threads: affinity is fixed by the kernel
@@ -39,6 +40,7 @@ class StatFields:
     last_cpu: int
     rt_priority: int
     policy: int
+    cpu_ticks: int = 0  # utime + stime, in clock ticks
 
 
 def parse_stat(raw: bytes) -> StatFields:
@@ -62,6 +64,7 @@ def parse_stat(raw: bytes) -> StatFields:
             last_cpu=int(fields[_PROCESSOR]),
             rt_priority=int(fields[_RT_PRIORITY]),
             policy=int(fields[_POLICY]),
+            cpu_ticks=int(fields[_UTIME]) + int(fields[_STIME]),
         )
     except ValueError as err:
         raise ParseError(f"stat line has a non-numeric field: {err}") from None
@@ -228,19 +231,35 @@ def parse_interrupts(text: str) -> tuple[list[InterruptLine], int]:
     return out, skipped
 
 
-def parse_proc_stat_steal(text: str) -> dict[int, int]:
-    """Per-CPU steal time in clock ticks from /proc/stat (online CPUs only)."""
-    steal: dict[int, int] = {}
+@dataclass(frozen=True)
+class CpuTimes:
+    """One CPU's line of /proc/stat, in clock ticks."""
+
+    busy: int  # user + nice + system + irq + softirq (guest time is inside user)
+    nice: int  # user time of positively niced tasks
+    steal: int
+
+
+def parse_proc_stat_times(text: str) -> dict[int, CpuTimes]:
+    """Per-CPU times from /proc/stat (online CPUs only)."""
+    out: dict[int, CpuTimes] = {}
     for line in text.splitlines():
         if not line.startswith("cpu") or line.startswith("cpu "):
             continue
         toks = line.split()
         try:
             cpu = int(toks[0][3:])
-            steal[cpu] = int(toks[8]) if len(toks) > 8 else 0
+            user, nice, system, _idle, _iowait, irq, softirq = (int(t) for t in toks[1:8])
+            steal = int(toks[8]) if len(toks) > 8 else 0
         except (ValueError, IndexError):
             raise ParseError(f"/proc/stat line {toks[0]!r} is malformed") from None
-    return steal
+        out[cpu] = CpuTimes(user + nice + system + irq + softirq, nice, steal)
+    return out
+
+
+def parse_proc_stat_steal(text: str) -> dict[int, int]:
+    """Per-CPU steal time in clock ticks from /proc/stat (online CPUs only)."""
+    return {cpu: t.steal for cpu, t in parse_proc_stat_times(text).items()}
 
 
 def parse_mountinfo_cgroup2(text: str) -> str | None:

@@ -49,6 +49,12 @@ class ThreadInfo:
     cgroup: str  # "" if unread
     exe: str  # "" if unread or a kernel thread
     flags: int = 0  # PF_* flags from stat
+    cpu_ticks: int = 0  # utime + stime, clock ticks
+
+    @property
+    def is_lowprio(self) -> bool:
+        """Work that should not make its vCPU compete with host work."""
+        return self.policy in (SchedClass.BATCH, SchedClass.IDLE) or self.nice > 0
 
     @property
     def is_rt(self) -> bool:
@@ -334,7 +340,7 @@ class ThreadTable:
             dl_runtime=sched.dl_runtime, dl_deadline=sched.dl_deadline,
             dl_period=sched.dl_period, affinity=affinity, last_cpu=stat.last_cpu,
             state=stat.state, cgroup=self._read_cgroup(f"/proc/{tgid}/task/{tid}/cgroup"),
-            exe=exe, flags=stat.flags,
+            exe=exe, flags=stat.flags, cpu_ticks=stat.cpu_ticks,
         )
 
     # -- notes ----------------------------------------------------------------

@@ -1,0 +1,63 @@
+"""Per-CPU busy and low-priority shares, from real spinning threads."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+from guestagent.observe import Observer
+
+pytestmark = pytest.mark.skipif(os.cpu_count() < 2, reason="needs 2 CPUs to pin apart")
+
+
+def spin(cpu: int, policy: int, nice: int, stop: threading.Event, ready: threading.Event):
+    os.sched_setaffinity(0, {cpu})
+    os.sched_setscheduler(0, policy, os.sched_param(0))
+    if nice:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    ready.set()
+    while not stop.is_set():
+        pass
+
+
+def own_ticks(tid: int) -> int:
+    """utime + stime of one of our threads, read directly (not through the observer)."""
+    with open(f"/proc/self/task/{tid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+@pytest.mark.parametrize("policy, nice", [(os.SCHED_BATCH, 0), (os.SCHED_IDLE, 0),
+                                          (os.SCHED_OTHER, 10)])
+def test_lowprio_share_counts_batch_idle_and_niced_work(policy, nice):
+    stop, ready = threading.Event(), threading.Event()
+    worker = threading.Thread(target=spin, args=(1, policy, nice, stop, ready), daemon=True)
+    worker.start()
+    hz = os.sysconf("SC_CLK_TCK")
+    try:
+        assert ready.wait(5)
+        with Observer(watch=False) as observer:
+            start, before = time.monotonic(), own_ticks(worker.native_id)
+            observer.snapshot(start)
+            time.sleep(1.0)
+            end = time.monotonic()
+            snap = observer.snapshot(end)
+            spun = (own_ticks(worker.native_id) - before) / hz / (end - start)
+    finally:
+        stop.set()
+        worker.join()
+    busy, low = snap.cpus.busy[1], snap.cpus.lowprio[1]
+    # Other load may share CPU 1 (it counts as busy, not low): compare with the
+    # spinner's own run time, allowing two clock ticks of rounding.
+    assert spun > 0, "the spinner never ran"
+    assert low >= 0.9 * spun - 2 / hz, f"low {low:.3f} < spinner's share {spun:.3f}"
+    assert low <= busy + 1e-9
+
+
+def test_first_snapshot_has_no_usage_figures():
+    with Observer(watch=False) as observer:
+        snap = observer.snapshot(time.monotonic())
+    assert snap.cpus.busy == {} and snap.cpus.lowprio == {}
