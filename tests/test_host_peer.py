@@ -114,6 +114,12 @@ def test_boost_clamp_and_unboost_reach_the_kernel(peer, standin):
     caps = {c.vcpu: c for c in peer.link.published[-1]}
     assert caps[0].applied == AppliedFlag.BOOSTED | AppliedFlag.CLAMPED
     assert caps[1].applied == AppliedFlag.THROTTLED and caps[1].acked_generation == 1
+    # A new table is acknowledged at once, without waiting for the capacity period.
+    peer.link.guest(fifo(0, 20), VcpuHint(1, Request.UNBOOST, nice=12), now=10.01,
+                    generation=5)
+    peer.step(10.01)
+    assert peer.link.published[-1][0].acked_generation == 5
+    assert peer.link.published[-1][0].applied == AppliedFlag.BOOSTED
     # Neutral hints put the threads back.
     peer.link.guest(VcpuHint(0), VcpuHint(1), now=10.1, generation=2)
     peer.step(10.1)

@@ -69,7 +69,9 @@ class HostPeer:
         self.generation = 0
         self.published: dict[int, VcpuCapacity] = {}
         self.counters: Counter[str] = Counter()
-        self._sample: Sample | None = None
+        self._sample: Sample | None = None  # the newest /proc sample
+        self._before: Sample | None = None  # the one a capacity period earlier
+        self._acked: tuple[int, dict[int, AppliedFlag]] | None = None  # last published
         self._next_capacity = float("-inf")  # publish on the first step
 
     def _link_call(self, what: str, func: Callable[[], Any]) -> Any:
@@ -102,8 +104,11 @@ class HostPeer:
         if plan.next_deadline is not None:
             deadlines.append(plan.next_deadline)
         if now >= self._next_capacity:
-            self._publish(now)
+            self._publish(now, resample=True)
             self._next_capacity = now + self.limits.capacity_period
+        elif self._acked != (self.generation, self._flags()):
+            # Acknowledge a new hint table (or a changed outcome) now, not a period later.
+            self._publish(now, resample=False)
         deadlines.append(self._next_capacity)
         if self.link is not None:
             nxt = self._link_call("tick", lambda: self.link.tick(now))
@@ -130,13 +135,18 @@ class HostPeer:
                 self.log(f"vCPU {vcpu}: {got.describe()} [{','.join(flag_names(p.applied))}]")
         return replace(plan, vcpus=vcpus)
 
-    def _publish(self, now: float) -> None:
-        sample = read_sample(self.applier.pid, self.applier.tids())
-        before = self._sample or sample
-        self._sample = sample
-        flags = {v: p.applied for v, p in self.plan.vcpus.items()}
-        caps = capacities(before, sample, flags, self.limits.contend, self.generation)
+    def _flags(self) -> dict[int, AppliedFlag]:
+        return {v: p.applied for v, p in self.plan.vcpus.items()}
+
+    def _publish(self, now: float, resample: bool) -> None:
+        if resample or self._sample is None:
+            sample = read_sample(self.applier.pid, self.applier.tids())
+            self._before, self._sample = self._sample or sample, sample
+        flags = self._flags()
+        caps = capacities(self._before or self._sample, self._sample, flags,
+                          self.limits.contend, self.generation)
         self.published = {c.vcpu: c for c in caps}
+        self._acked = (self.generation, flags)
         if self.link is not None:
             self._link_call("publish", lambda: self.link.publish_capacity(caps, now))
 
