@@ -25,7 +25,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Dict, Tuple
+from typing import Any
 
 PORT_NAME = "org.guestagent.test.ctl"
 
@@ -52,11 +52,11 @@ class Server:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.write_lock = threading.Lock()
-        self.children: Dict[int, Tuple[subprocess.Popen, Any, Any]] = {}
+        self.children: dict[int, tuple[subprocess.Popen, Any, Any]] = {}
         self.children_lock = threading.Lock()
         self.stopping = threading.Event()
 
-    def send(self, msg: Dict[str, Any]) -> None:
+    def send(self, msg: dict[str, Any]) -> None:
         data = (json.dumps(msg) + "\n").encode()
         with self.write_lock:
             while data:
@@ -67,7 +67,7 @@ class Server:
                     continue
                 data = data[n:]
 
-    def handle(self, req: Dict[str, Any]) -> None:
+    def handle(self, req: dict[str, Any]) -> None:
         rid = req.get("id")
         try:
             reply = self.dispatch(req)
@@ -76,7 +76,7 @@ class Server:
         reply["id"] = rid
         self.send(reply)
 
-    def dispatch(self, req: Dict[str, Any]) -> Dict[str, Any]:
+    def dispatch(self, req: dict[str, Any]) -> dict[str, Any]:
         op = req.get("op")
         if op == "ping":
             return {}

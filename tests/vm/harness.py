@@ -28,9 +28,10 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any
 
 HINTS_PORT = "org.guestagent.hints.0"
 CTL_PORT = "org.guestagent.test.ctl"
@@ -46,7 +47,7 @@ class VMError(Exception):
 # --- what the machine must have ---------------------------------------------------------
 
 
-def find_kernel() -> Optional[str]:
+def find_kernel() -> str | None:
     """Debian's kernel image (linux-image-amd64), or GUESTAGENT_VM_KERNEL."""
     override = os.environ.get("GUESTAGENT_VM_KERNEL")
     if override:
@@ -63,7 +64,7 @@ def _is_static(path: str) -> bool:
     return head[:4] == b"\x7fELF" and b"ld-linux" not in head
 
 
-def find_static_busybox() -> Optional[str]:
+def find_static_busybox() -> str | None:
     """virtme-ng builds an initramfs for a distro kernel and needs a static busybox."""
     for name in ("busybox-static", "busybox.static", "busybox"):
         path = shutil.which(name)
@@ -72,7 +73,7 @@ def find_static_busybox() -> Optional[str]:
     return None
 
 
-def missing_components() -> List[str]:
+def missing_components() -> list[str]:
     """What this machine lacks to boot a test guest, each named exactly."""
     missing = []
     if not shutil.which("qemu-system-x86_64"):
@@ -101,7 +102,7 @@ class _JsonLines:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.connect(path)
         self._cond = threading.Condition()
-        self._messages: List[Dict[str, Any]] = []
+        self._messages: list[dict[str, Any]] = []
         self._closed = False
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -130,10 +131,10 @@ class _JsonLines:
             self._closed = True
             self._cond.notify_all()
 
-    def send(self, msg: Dict[str, Any]) -> None:
+    def send(self, msg: dict[str, Any]) -> None:
         self.sock.sendall((json.dumps(msg) + "\n").encode())
 
-    def take(self, match: Any, timeout: float) -> Optional[Dict[str, Any]]:
+    def take(self, match: Any, timeout: float) -> dict[str, Any] | None:
         """The first message for which match(msg) holds; None on timeout or close."""
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -164,10 +165,10 @@ class QmpClient:
             raise VMError(f"no QMP greeting on {path}")
         self.execute("qmp_capabilities")
 
-    def execute(self, command: str, arguments: Optional[Dict[str, Any]] = None,
+    def execute(self, command: str, arguments: dict[str, Any] | None = None,
                 timeout: float = 10.0) -> Any:
         rid = next(self._ids)
-        msg: Dict[str, Any] = {"execute": command, "id": rid}
+        msg: dict[str, Any] = {"execute": command, "id": rid}
         if arguments:
             msg["arguments"] = arguments
         self._conn.send(msg)
@@ -184,7 +185,7 @@ class QmpClient:
 
 @dataclass(frozen=True)
 class CommandResult:
-    rc: Optional[int]  # None: still running (wait with a timeout)
+    rc: int | None  # None: still running (wait with a timeout)
     stdout: str
     stderr: str
 
@@ -196,7 +197,7 @@ class GuestControl:
         self._conn = _JsonLines(path)
         self._ids = itertools.count(1)
 
-    def request(self, op: str, timeout: float = 60.0, **fields: Any) -> Dict[str, Any]:
+    def request(self, op: str, timeout: float = 60.0, **fields: Any) -> dict[str, Any]:
         rid = next(self._ids)
         self._conn.send({"id": rid, "op": op, **fields})
         reply = self._conn.take(lambda m: m.get("id") == rid, timeout)
@@ -238,7 +239,7 @@ def sched_state(tid: int) -> SchedState:
     return SchedState(os.sched_getscheduler(tid), os.sched_getparam(tid).sched_priority)
 
 
-def vcpu_threads_from_names(qemu_pid: int) -> Dict[int, int]:
+def vcpu_threads_from_names(qemu_pid: int) -> dict[int, int]:
     """vCPU index -> host tid from thread names ``CPU n/TCG`` (needs debug-threads=on)."""
     found = {}
     for task in glob.glob(f"/proc/{qemu_pid}/task/*"):
@@ -253,9 +254,22 @@ def vcpu_threads_from_names(qemu_pid: int) -> Dict[int, int]:
     return found
 
 
-def vcpu_threads_from_qmp(qmp: QmpClient) -> Dict[int, int]:
+def vcpu_threads_from_qmp(qmp: QmpClient) -> dict[int, int]:
     """vCPU index -> host tid from QMP ``query-cpus-fast``."""
     return {cpu["cpu-index"]: cpu["thread-id"] for cpu in qmp.execute("query-cpus-fast")}
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    """Wait until a killed process has exited (a zombie counts: its memory is freed)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return
+        except (OSError, IndexError):
+            return
+        time.sleep(0.05)
 
 
 # --- the guest ---------------------------------------------------------------------------
@@ -275,7 +289,7 @@ class GuestVM:
     """A running guest; use as a context manager. Everything lives under ``workdir``,
     which the guest sees read-write at the same path."""
 
-    def __init__(self, workdir: Optional[os.PathLike] = None,
+    def __init__(self, workdir: os.PathLike | None = None,
                  config: GuestConfig = GuestConfig()) -> None:
         self.config = config
         self._own_workdir = workdir is None
@@ -286,14 +300,15 @@ class GuestVM:
         self.console_log = self.workdir / "console.log"
         self.shm_path = (f"/dev/shm/guestagent-vm-{uuid.uuid4().hex[:12]}"
                          if config.ivshmem else None)
-        self.qemu_pid: Optional[int] = None
-        self._proc: Optional[subprocess.Popen] = None
-        self._ctl: Optional[GuestControl] = None
-        self._qmp: Optional[QmpClient] = None
+        self.qemu_pid: int | None = None
+        self._proc: subprocess.Popen | None = None
+        self._ctl: GuestControl | None = None
+        self._qmp: QmpClient | None = None
+        self._ready = False  # the command server answered: an orderly power-off can work
 
     # -- lifecycle
 
-    def qemu_opts(self) -> List[str]:
+    def qemu_opts(self) -> list[str]:
         opts = [
             "-name", "guestagent-test,debug-threads=on",
             "-qmp", f"unix:{self.qmp_sock},server=on,wait=off",
@@ -314,7 +329,7 @@ class GuestVM:
             ]
         return opts
 
-    def command(self) -> List[str]:
+    def command(self) -> list[str]:
         missing = missing_components()
         if missing:
             raise VMError("cannot boot a guest: missing " + "; ".join(missing))
@@ -356,7 +371,11 @@ class GuestVM:
         self._ctl = GuestControl(self.ctl_sock)
         self._qmp = QmpClient(self.qmp_sock)
         self.qemu_pid = self._find_qemu_pid()
-        self._ctl.wait_ready(max(1.0, deadline - time.monotonic()), self.alive)
+        try:
+            self._ctl.wait_ready(max(1.0, deadline - time.monotonic()), self.alive)
+        except VMError as err:
+            raise VMError(f"{err}{self.console_tail()}") from None
+        self._ready = True
 
     def _wait_for_socket(self, path: str, deadline: float) -> None:
         while not os.path.exists(path):
@@ -384,9 +403,11 @@ class GuestVM:
 
     def close(self) -> None:
         """Power off, then make sure every process and file is gone."""
-        if self._ctl is not None and self.alive():
+        orderly = False
+        if self._ctl is not None and self._ready and self.alive():
             try:
                 self._ctl.request("exit", timeout=5)
+                orderly = True
             except (VMError, OSError):
                 pass
         for client in (self._ctl, self._qmp):
@@ -395,7 +416,7 @@ class GuestVM:
         self._ctl = self._qmp = None
         if self._proc is not None:
             try:
-                self._proc.wait(timeout=20)
+                self._proc.wait(timeout=20 if orderly else 0)
             except subprocess.TimeoutExpired:
                 pass
             try:
@@ -403,6 +424,8 @@ class GuestVM:
             except ProcessLookupError:
                 pass
             self._proc.wait()
+        if self.qemu_pid is not None:
+            _wait_gone(self.qemu_pid, timeout=15)
         if self.shm_path:
             try:
                 os.unlink(self.shm_path)
@@ -430,7 +453,7 @@ class GuestVM:
         return self._ctl
 
     def run(self, argv: Sequence[str], timeout: float = 60.0,
-            input: Optional[str] = None) -> CommandResult:
+            input: str | None = None) -> CommandResult:
         """Run a command in the guest and wait for it."""
         reply = self._control().request("run", timeout=timeout + 10, argv=list(argv),
                                         timeout_s=timeout, input=input)
@@ -455,7 +478,7 @@ class GuestVM:
 
     # -- host-side views
 
-    def vcpu_threads(self) -> Dict[int, int]:
+    def vcpu_threads(self) -> dict[int, int]:
         """vCPU index -> QEMU's host thread id: QMP first, thread names as the fallback."""
         try:
             found = vcpu_threads_from_qmp(self.qmp)

@@ -1,0 +1,34 @@
+"""Fixtures for tests that boot a QEMU guest."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from .harness import GuestConfig, GuestVM, missing_components
+
+
+def require_vm() -> None:
+    """Skip, naming exactly what is missing, where a guest cannot boot on this machine."""
+    missing = missing_components()
+    if missing:
+        pytest.skip("VM tests need " + "; ".join(missing))
+
+
+@pytest.fixture(scope="module")
+def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GuestVM]:
+    """One guest with every device, shared by the tests of a module (a boot takes ~20 s)."""
+    require_vm()
+    with GuestVM(tmp_path_factory.mktemp("vm"), GuestConfig()) as vm:
+        yield vm
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    """Attach the guest console to a failing test's report: the kernel's view of why."""
+    outcome = yield
+    report = outcome.get_result()
+    vm = getattr(item, "funcargs", {}).get("guest")
+    if report.failed and isinstance(vm, GuestVM):
+        report.sections.append(("guest console", vm.console_tail(80)))
