@@ -14,8 +14,9 @@ from guestagent.transport.link import (
     LinkErrors,
     new_epoch,
 )
+from guestagent.transport.region_link import RegionGuestLink, RegionHostLink
 
 __all__ = [
     "ALL_FEATURES", "ChannelGuestLink", "ChannelHostLink", "GuestLink", "GuestView", "HostLink",
-    "HostView", "LinkErrors", "new_epoch",
+    "HostView", "LinkErrors", "RegionGuestLink", "RegionHostLink", "new_epoch",
 ]
