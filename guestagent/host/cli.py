@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="unix socket of the virtio-serial chardev org.guestagent.hints.0")
     link.add_argument("--region", metavar="FILE",
                       help="backing file of the ivshmem-plain region (under /dev/shm)")
+    run.add_argument("--listen", action="store_true",
+                     help="listen on the --channel socket (QEMU chardev with server=off) "
+                          "instead of connecting to QEMU's")
     run.add_argument("--config", metavar="FILE", help="host limits (TOML); defaults if omitted")
     run.add_argument("--dry-run", action="store_true",
                      help="log what would change; touch no thread")
@@ -78,12 +81,12 @@ def _log_to_stderr(verbose: bool):
     return log
 
 
-def open_link(args: argparse.Namespace):
+def open_link(args: argparse.Namespace, heartbeat_period: float):
     """The transport link the guest uses, or None when neither is given."""
     if args.channel is None and args.region is None:
         return None
     from guestagent.host.links import open_host_link
-    return open_host_link(channel=args.channel, region=args.region)
+    return open_host_link(args.channel, args.region, args.listen, heartbeat_period)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -107,9 +110,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     log(f"attached to QEMU pid {pid}: " + ", ".join(
         f"vCPU {t.vcpu} tid {t.tid}" for t in threads))
     status = listen(args.status_socket) if args.status_socket else None
-    link = None
     try:
-        link = open_link(args)
+        link = open_link(args, limits.heartbeat_period)
         peer = HostPeer(applier, limits, pin_cpus, link, log, time.monotonic)
         return peer.run(status)
     finally:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from guestagent.errors import GuestagentError
+from guestagent.transport import HostLink
 
 
-def open_host_link(channel: str | None, region: str | None):
+def open_host_link(channel: str | None, region: str | None, listen: bool = False,
+                   heartbeat_period: float = 1.0) -> HostLink:
     """A HostLink for the virtio-serial chardev socket or the ivshmem backing file."""
+    if channel is not None:
+        from guestagent.transport import ChannelHostLink
+        return ChannelHostLink(channel, listen=listen, heartbeat_period=heartbeat_period)
     try:
-        from guestagent import transport
-        cls = transport.ChannelHostLink if channel is not None else transport.RegionHostLink
-    except (ImportError, AttributeError):
-        raise GuestagentError("this build has no host transport links yet") from None
-    return cls(channel if channel is not None else region)
+        from guestagent.transport import RegionHostLink  # type: ignore[attr-defined]
+    except ImportError:
+        raise GuestagentError("this build has no region host link; use --channel") from None
+    return RegionHostLink(region)
