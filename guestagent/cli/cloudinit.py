@@ -10,6 +10,7 @@ verbatim so its comments survive.
 from __future__ import annotations
 
 import argparse
+import os
 
 PACKAGE = "guestagent"
 UNIT = "guestagent.service"
@@ -45,23 +46,13 @@ def read_config_text(path: str, missing_ok: bool) -> str:
     An absent default file means the agent runs on defaults, so the shipped
     commented default file stands in for it.
     """
-    from guestagent.config import parse_config, render_default_toml
-    from guestagent.errors import ConfigError
+    from guestagent.config import load_config, render_default_toml
 
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        if missing_ok:
-            return render_default_toml()
-        raise ConfigError(f"{path}: no such file") from None
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read: {err.strerror or err}") from None
-    parse_config(raw, path)  # raises ConfigError naming the line
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as err:  # pragma: no cover - TOML parsing rejects it first
-        raise ConfigError(f"{path}: not UTF-8 at byte {err.start}") from None
+    if missing_ok and not os.path.lexists(path):
+        return render_default_toml()
+    load_config(path)  # one-line ConfigError for unreadable or invalid files
+    with open(path, encoding="utf-8") as f:
+        return f.read()
 
 
 def user_data(config_text: str, source: str, install: bool = True,
