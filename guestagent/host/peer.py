@@ -14,9 +14,8 @@ import signal
 import socket
 import time
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 from guestagent.host.applier import Log, ThreadApplier
 from guestagent.host.capacity import Sample, capacities, read_sample
@@ -24,21 +23,9 @@ from guestagent.host.config import HostLimits
 from guestagent.host.decide import GuestInput, Plan, decide, initial_plan
 from guestagent.host.status import PeerSnapshot, answer, flag_names, status_document
 from guestagent.protocol.model import AppliedFlag, PeerState, VcpuCapacity, VcpuHint
+from guestagent.transport import HostLink
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-
-
-class HostLinkLike(Protocol):
-    """What the peer needs from a transport link (guestagent.transport)."""
-
-    kind: str
-
-    def fileno(self) -> int | None: ...
-    def on_readable(self, now: float) -> None: ...
-    def publish_capacity(self, caps: Sequence[VcpuCapacity], now: float) -> None: ...
-    def tick(self, now: float) -> float | None: ...
-    def view(self) -> Any: ...
-    def close(self) -> None: ...
 
 
 def guest_input(view: Any) -> tuple[GuestInput, int]:
@@ -56,7 +43,7 @@ class HostPeer:
     """One VM: its vCPU threads, its link, its limits."""
 
     def __init__(self, applier: ThreadApplier, limits: HostLimits, pin_cpus: frozenset[int],
-                 link: HostLinkLike | None, log: Log,
+                 link: HostLink | None, log: Log,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.applier = applier
         self.limits = limits
