@@ -176,6 +176,12 @@ def test_installed_deb_runs_with_debian_python(installed):
     assert installed.run("guestagent-host", "--help").stdout.startswith("usage: guestagent-host")
 
 
+def test_installed_agent_has_the_units_execstart(installed):
+    """ExecStart is `guestagent run $GUESTAGENT_ARGS`: the installed CLI must know `run`."""
+    proc = installed.run("guestagent", "run", "--help", check=False)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: guestagent run"), proc.stderr
+
+
 def test_installed_conffile_is_the_schema_default(installed):
     from guestagent.config import render_default_toml
 
