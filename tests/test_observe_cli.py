@@ -9,7 +9,6 @@ import sys
 import textwrap
 
 import pytest
-
 from test_observe_live import sched_thread
 
 TREES = os.path.join(os.path.dirname(__file__), "data", "trees")

@@ -189,6 +189,10 @@ class Kernel:
     def affinity(self, tgid: int, tid: int) -> frozenset[int]:
         raise NotImplementedError
 
+    def deadline(self, tgid: int, tid: int) -> tuple[int, int, int]:
+        """(runtime, deadline, period) in ns of a SCHED_DEADLINE thread."""
+        raise NotImplementedError
+
     def proc_events(self) -> ProcEventSource:
         raise OSError(errno.ENOTSUP, "no process-events connector")
 
@@ -239,9 +243,11 @@ class LiveKernel(Kernel):
         nice = os.getpriority(os.PRIO_PROCESS, tid)
         if policy != SCHED_DEADLINE:
             return SchedDetail(policy, prio, nice)
+        return SchedDetail(policy, prio, nice, *self.deadline(tgid, tid))
+
+    def deadline(self, tgid: int, tid: int) -> tuple[int, int, int]:
         attr = self._sched_getattr(tid)
-        return SchedDetail(policy, prio, nice, attr.sched_runtime, attr.sched_deadline,
-                           attr.sched_period)
+        return attr.sched_runtime, attr.sched_deadline, attr.sched_period
 
     def _sched_getattr(self, tid: int) -> _SchedAttr:
         # os has no sched_getattr wrapper; DEADLINE parameters are only reachable this way
@@ -315,9 +321,10 @@ class RecordedKernel(Kernel):
         st = parse_stat(self.stat(tgid, tid))
         if st.policy != SCHED_DEADLINE:
             return SchedDetail(st.policy, st.rt_priority, st.nice)
-        runtime, deadline, period = parse_sched_dl(
-            self.read_text(f"/proc/{tgid}/task/{tid}/sched"))
-        return SchedDetail(st.policy, st.rt_priority, st.nice, runtime, deadline, period)
+        return SchedDetail(st.policy, st.rt_priority, st.nice, *self.deadline(tgid, tid))
+
+    def deadline(self, tgid: int, tid: int) -> tuple[int, int, int]:
+        return parse_sched_dl(self.read_text(f"/proc/{tgid}/task/{tid}/sched"))
 
     def affinity(self, tgid: int, tid: int) -> frozenset[int]:
         return parse_status_cpus(self.read_text(f"/proc/{tgid}/task/{tid}/status"))

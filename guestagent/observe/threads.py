@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from guestagent.observe.events import ProcEvent
-from guestagent.observe.kernel import GONE, Kernel, ProcEventSource
+from guestagent.observe.kernel import SCHED_DEADLINE, Kernel, ProcEventSource
 from guestagent.observe.parse import (
     PF_KTHREAD,
     PF_NO_SETAFFINITY,
@@ -310,11 +310,11 @@ class ThreadTable:
             return None
         kernel, tgid = self._kernel, entry.tgid
         try:
-            sched = kernel.sched_detail(tgid, tid)
-            if sched.policy == GONE:
-                raise ProcessLookupError(errno.ESRCH, "gone")
+            # one stat read gives policy, priority, nice, state and CPU at a single
+            # instant; the syscall pass already chose this thread, so no need to re-ask
             stat = parse_stat(kernel.stat(tgid, tid))
             affinity = kernel.affinity(tgid, tid)
+            dl = kernel.deadline(tgid, tid) if stat.policy == SCHED_DEADLINE else (0, 0, 0)
         except OSError as err:
             if _gone(err):
                 self._forget(tid)
@@ -329,18 +329,17 @@ class ThreadTable:
             entry.comm = stat.comm
             if self._interest is not None:
                 self._pending.add(tid)
-        policy = to_sched_class(sched.policy)
+        policy = to_sched_class(stat.policy)
         if policy is None:
-            unknown_policies.add(sched.policy)
+            unknown_policies.add(stat.policy)
             policy = SchedClass.OTHER
-        exe, _ = self._process_identity(tgid)
+        exe, cgroup = self._process_identity(tgid)
         return ThreadInfo(
             tid=tid, tgid=tgid, comm=stat.comm, policy=policy,
-            rt_priority=sched.rt_priority, nice=sched.nice,
-            dl_runtime=sched.dl_runtime, dl_deadline=sched.dl_deadline,
-            dl_period=sched.dl_period, affinity=affinity, last_cpu=stat.last_cpu,
-            state=stat.state, cgroup=self._read_cgroup(f"/proc/{tgid}/task/{tid}/cgroup"),
-            exe=exe, flags=stat.flags, cpu_ticks=stat.cpu_ticks,
+            rt_priority=stat.rt_priority, nice=stat.nice,
+            dl_runtime=dl[0], dl_deadline=dl[1], dl_period=dl[2], affinity=affinity,
+            last_cpu=stat.last_cpu, state=stat.state, cgroup=cgroup, exe=exe,
+            flags=stat.flags, cpu_ticks=stat.cpu_ticks,
         )
 
     # -- notes ----------------------------------------------------------------
