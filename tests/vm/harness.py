@@ -297,6 +297,9 @@ class GuestVM:
         self.hints_sock = str(self.workdir / "hints.sock")
         self.ctl_sock = str(self.workdir / "ctl.sock")
         self.qmp_sock = str(self.workdir / "qmp.sock")
+        # QEMU serves one client per QMP socket: the harness keeps qmp.sock, the host peer
+        # under test gets its own.
+        self.peer_qmp_sock = str(self.workdir / "qmp-peer.sock")
         self.console_log = self.workdir / "console.log"
         self.shm_path = (f"/dev/shm/guestagent-vm-{uuid.uuid4().hex[:12]}"
                          if config.ivshmem else None)
@@ -312,6 +315,7 @@ class GuestVM:
         opts = [
             "-name", "guestagent-test,debug-threads=on",
             "-qmp", f"unix:{self.qmp_sock},server=on,wait=off",
+            "-qmp", f"unix:{self.peer_qmp_sock},server=on,wait=off",
             "-device", "virtio-serial-pci,id=gaserial",
             "-chardev", f"socket,id=gactl,path={self.ctl_sock},server=on,wait=off",
             "-device", f"virtserialport,bus=gaserial.0,chardev=gactl,name={CTL_PORT}",
@@ -431,7 +435,7 @@ class GuestVM:
                 os.unlink(self.shm_path)
             except FileNotFoundError:
                 pass
-        for sock in (self.hints_sock, self.ctl_sock, self.qmp_sock):
+        for sock in (self.hints_sock, self.ctl_sock, self.qmp_sock, self.peer_qmp_sock):
             try:
                 os.unlink(sock)
             except FileNotFoundError:

@@ -1,0 +1,1 @@
+"""Guest and host latency benchmark in a real QEMU guest (see run.py)."""
