@@ -16,7 +16,7 @@ from typing import Callable
 from guestagent import __version__
 from guestagent.errors import GuestagentError
 
-AREAS = ("guestagent.cli.observe", "guestagent.cli.cloudinit")
+AREAS = ("guestagent.cli.observe", "guestagent.cli.agent", "guestagent.cli.cloudinit")
 
 
 def build_parser() -> argparse.ArgumentParser:

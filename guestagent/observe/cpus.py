@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from guestagent.observe.kernel import CpuMonitor, Kernel
+from guestagent.observe.kernel import Kernel, UeventMonitor
 from guestagent.observe.parse import (
     CpuTimes,
     ParseError,
@@ -114,7 +114,7 @@ class CpuTable:
         self._prev: dict[int, CpuTimes] = {}
         self._prev_at: float | None = None
         self._notes: list[tuple[str, str]] = []
-        self.monitor: CpuMonitor | None = None
+        self.monitor: UeventMonitor | None = None
         self.changes = 0  # online/offline uevents seen
         if watch:
             try:

@@ -100,16 +100,18 @@ class ProcEventSource:
             pass
 
 
-class CpuMonitor:
-    """A pyudev monitor on subsystem 'cpu' (online/offline). Without udevd it listens
-    to the kernel's own uevents, which carry the same online/offline actions."""
+class UeventMonitor:
+    """A pyudev monitor on some subsystems (CPU online/offline, devices coming and
+    going). Without udevd it listens to the kernel's own uevents, which carry the
+    same add/remove/online/offline actions (but no udev symlinks yet)."""
 
-    def __init__(self) -> None:
+    def __init__(self, subsystems: tuple[str, ...]) -> None:
         import pyudev
 
         source = "udev" if os.path.exists("/run/udev/control") else "kernel"
         self._monitor = pyudev.Monitor.from_netlink(pyudev.Context(), source=source)
-        self._monitor.filter_by("cpu")
+        for subsystem in subsystems:
+            self._monitor.filter_by(subsystem)
         self._monitor.start()
         self.source = source
 
@@ -196,7 +198,7 @@ class Kernel:
     def proc_events(self) -> ProcEventSource:
         raise OSError(errno.ENOTSUP, "no process-events connector")
 
-    def cpu_monitor(self) -> CpuMonitor:
+    def cpu_monitor(self) -> UeventMonitor:
         raise OSError(errno.ENOTSUP, "no udev monitor")
 
     def net_links(self) -> list[str]:
@@ -268,8 +270,8 @@ class LiveKernel(Kernel):
     def proc_events(self) -> ProcEventSource:
         return ProcEventSource()
 
-    def cpu_monitor(self) -> CpuMonitor:
-        return CpuMonitor()
+    def cpu_monitor(self) -> UeventMonitor:
+        return UeventMonitor(("cpu",))
 
     def net_links(self) -> list[str]:
         try:

@@ -1,0 +1,242 @@
+"""The agent's commands: run (the daemon), status, hints, capacity, watch, config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+from guestagent.config import DEFAULT_PATH, default_config, load_config, render_config
+from guestagent.errors import GuestagentError
+
+SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+                   logging.CRITICAL: 2}
+
+
+class JournalFormatter(logging.Formatter):
+    """'<priority>message': journald reads the level from the prefix."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{SYSLOG_PRIORITY.get(record.levelno, 6)}>{record.getMessage()}"
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(JournalFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("guestagent: %(levelname)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # pyroute2 logs every netlink message at debug level: keep it out of ours.
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)
+
+
+def _config(args: argparse.Namespace):
+    """The config named on the command line, or the default file, or the defaults."""
+    if args.config:
+        return load_config(args.config), args.config
+    return load_config(DEFAULT_PATH, missing_ok=True), (
+        DEFAULT_PATH if os.path.exists(DEFAULT_PATH) else None)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from guestagent.daemon import Agent
+
+    config, path = _config(args)
+    setup_logging(args.log_level or config.agent["log_level"])
+    return Agent(config, path).run()
+
+
+def _socket(args: argparse.Namespace) -> str:
+    if args.socket:
+        return args.socket
+    try:
+        config, _ = _config(args)
+    except GuestagentError:
+        config = default_config()
+    return config.control["socket"]
+
+
+def _ask(args: argparse.Namespace, cmd: str) -> dict:
+    from guestagent.control import call
+
+    return call(_socket(args), cmd)
+
+
+def _print(data: dict, as_json: bool, render) -> None:
+    if as_json:
+        data = {k: v for k, v in data.items() if k != "ok"}
+        print(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        print(render(data))
+
+
+def status_text(data: dict) -> str:
+    from guestagent.report import table
+
+    t = data["transport"]
+    heard = t.get("host_heard_s")
+    rows = [
+        ("agent", f"guestagent {data['version']}, pid {data['pid']}, up {data['uptime_s']:.0f} s"),
+        ("config", data["config"] or "built-in defaults"),
+        ("transport", f"{t['kind'] or 'none'} {t['target'] or ''}".strip()),
+        ("link", t["link"] + (f" ({t['reason']})" if t.get("reason") else "")),
+        ("host", f"{t.get('host_state', 'unknown')}"
+         + (f", heard {heard:.1f} s ago" if heard is not None else "")),
+        ("hints", f"generation {data['generation']}, acked "
+         f"{t.get('acked_generation', 0)}, {data['nr_vcpus']} vCPUs"),
+        ("threads", f"{data['threads']} known, {data['threads_of_note']} of note, "
+         f"via {data['thread_events']}"),
+        ("sweeps", f"{data['sweeps']}, last {data['sweep_ms']:.2f} ms, every "
+         f"{data['sweep_interval_ms']:.0f} ms"),
+        ("steered", str(data["steered_tasks"])),
+        ("errors", ", ".join(f"{k} {v}" for k, v in sorted(data["errors"].items())) or "none"),
+    ]
+    text = table(("", ""), rows).split("\n", 1)[1]
+    if data["notes"]:
+        text += "\nnotes:\n" + "\n".join(f"  {n}" for n in data["notes"])
+    return text
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    _print(_ask(args, "status"), args.json, status_text)
+    return 0
+
+
+def hints_once(config) -> dict:
+    """Hints computed from the live system, for when no agent runs."""
+    from guestagent.daemon import interest_for
+    from guestagent.observe import Observer
+    from guestagent.policy import PolicyState, decide
+    from guestagent.report import hints_json
+
+    with Observer(interest=interest_for(config), watch=False) as observer:
+        observer.snapshot(time.monotonic())
+        time.sleep(0.25)  # a second sweep gives CPU usage and IRQ rates
+        now = time.monotonic()
+        snapshot = observer.snapshot(now)
+    decision, _ = decide(snapshot, config, PolicyState(), now)
+    return hints_json(decision, 0, now)
+
+
+def cmd_hints(args: argparse.Namespace) -> int:
+    from guestagent.report import hints_table
+
+    try:
+        data = _ask(args, "hints")
+    except GuestagentError as err:
+        if "no agent running" not in str(err):
+            raise
+        config, _ = _config(args)
+        print("guestagent: no agent running: hints computed once from the live system",
+              file=sys.stderr)
+        data = hints_once(config)
+    _print(data, args.json, hints_table)
+    return 0
+
+
+def cmd_capacity(args: argparse.Namespace) -> int:
+    from guestagent.report import capacity_table
+
+    _print(_ask(args, "capacity"), args.json, capacity_table)
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from guestagent.report import capacity_table, hints_table
+
+    shown = 0
+    while args.count is None or shown < args.count:
+        status, hints, capacity = (_ask(args, c) for c in ("status", "hints", "capacity"))
+        if args.json:
+            print(json.dumps({"status": status, "hints": hints, "capacity": capacity},
+                             sort_keys=True), flush=True)
+        else:
+            screen = "\n\n".join((status_text(status), hints_table(hints),
+                                  capacity_table(capacity)))
+            # Home the cursor and clear below it: the table refreshes in place.
+            sys.stdout.write("\x1b[H\x1b[J" + screen + "\n")
+            sys.stdout.flush()
+        shown += 1
+        if args.count is None or shown < args.count:
+            time.sleep(args.interval)
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    _ask(args, "reload")
+    print("config reloaded")
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    path = args.file or DEFAULT_PATH
+    config = load_config(path)
+    print(f"{path}: OK ({len(config.rules)} rules)")
+    return 0
+
+
+def cmd_config_dump(args: argparse.Namespace) -> int:
+    config, _ = _config(args)
+    sys.stdout.write(render_config(config))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    def common(p: argparse.ArgumentParser, json_too: bool = True) -> None:
+        p.add_argument("--config", metavar="FILE",
+                       help=f"configuration file (default {DEFAULT_PATH})")
+        p.add_argument("--socket", metavar="PATH",
+                       help="control socket (default: from the configuration)")
+        if json_too:
+            p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("run", help="run the agent in the foreground (the daemon)",
+                       description="Observe the guest, publish hints to the host, "
+                       "read capacity back and steer opt-in tasks. Runs in the foreground; "
+                       "SIGHUP reloads the configuration, SIGTERM stops after publishing "
+                       "neutral hints.")
+    p.add_argument("--config", metavar="FILE",
+                   help=f"configuration file (default {DEFAULT_PATH}, defaults if absent)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                   help="override [agent] log_level")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", help="the running agent's state")
+    common(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("hints", help="the hints per vCPU, with their reasons",
+                       description="The hints the running agent publishes; without a "
+                       "running agent, computed once from the live system.")
+    common(p)
+    p.set_defaults(func=cmd_hints)
+
+    p = sub.add_parser("capacity", help="the capacity the host reports per vCPU")
+    common(p)
+    p.set_defaults(func=cmd_capacity)
+
+    p = sub.add_parser("watch", help="a live view of status, hints and capacity")
+    common(p)
+    p.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
+                   help="refresh period (default 1)")
+    p.add_argument("--count", type=int, metavar="N", help="stop after N refreshes")
+    p.set_defaults(func=cmd_watch)
+
+    p = sub.add_parser("reload", help="make the running agent re-read its configuration")
+    common(p, json_too=False)
+    p.set_defaults(func=cmd_reload)
+
+    p = sub.add_parser("config", help="check or show the configuration")
+    csub = p.add_subparsers(dest="config_command", metavar="ACTION")
+    c = csub.add_parser("check", help="validate a configuration file")
+    c.add_argument("file", nargs="?", metavar="FILE", help=f"default {DEFAULT_PATH}")
+    c.set_defaults(func=cmd_config_check)
+    c = csub.add_parser("dump", help="print the effective configuration, every key explicit")
+    c.add_argument("--config", metavar="FILE", help=f"default {DEFAULT_PATH}")
+    c.set_defaults(func=cmd_config_dump)
