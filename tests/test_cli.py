@@ -23,3 +23,13 @@ def test_unknown_subcommand_is_one_line_error():
     proc = run_cli("no-such-command")
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
+
+
+def test_reader_closing_the_pipe_early_is_quiet():
+    proc = subprocess.Popen([sys.executable, "-m", "guestagent", "tasks", "--all", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.read(10)
+    proc.stdout.close()  # like `| head -c 10`
+    err = proc.stderr.read().decode()
+    assert proc.wait(60) == 0
+    assert "BrokenPipe" not in err and "Traceback" not in err

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from typing import Callable
@@ -35,11 +36,16 @@ def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
                 prog: str) -> int:
     """Run a handler, turning expected failures into one line on stderr."""
     try:
-        return func(args)
+        code = func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return code
     except GuestagentError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 1
     except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, and point stdout at
+        # /dev/null so the interpreter's final flush has nothing to complain of.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except PermissionError as err:
         print(f"{prog}: error: permission denied: {err.filename or err}", file=sys.stderr)
