@@ -259,7 +259,7 @@ class Agent:
             log.warning("control socket settings change at the next restart")
         if config.transport != old.transport or config.agent != old.agent:
             self.drop_link(now)
-            self.relink(now)
+        self.relink(now)  # also a prompt look for transports that appeared
         log.info("config reloaded from %s", self.config_path)
         return None
 

@@ -40,9 +40,11 @@ def available(transport: Mapping[str, Any]) -> list[Choice]:
             found.append(Choice("region", "ivshmem"))
     if mode in ("auto", "channel"):
         try:
-            found.append(Choice("channel", resolve_port(transport["port_name"])))
+            port = resolve_port(transport["port_name"])
         except GuestagentError:
-            pass
+            port = ""
+        if port and os.path.exists(port):  # a path is taken as given: check it is there
+            found.append(Choice("channel", port))
     if mode in ("auto", "local"):
         found.append(Choice("local", transport["local_region"]))
     return found
