@@ -89,10 +89,11 @@ def test_live_tasks_shows_real_rt_thread():
 
 DROP_AND_RUN = textwrap.dedent("""
     import os, sys
-    import guestagent.cli, guestagent.cli.observe, guestagent.observe, pyroute2  # noqa
-    import json, pyudev  # noqa
+    import guestagent.cli, guestagent.observe, pyroute2, pyudev, json  # noqa
+    parser = guestagent.cli.build_parser()  # imports every CLI area while still root
     os.setgroups([]); os.setgid(65534); os.setuid(65534)
-    sys.exit(guestagent.cli.main(sys.argv[1:]))
+    args = parser.parse_args(sys.argv[1:])
+    sys.exit(guestagent.cli.run_command(args.func, args, parser.prog))
 """)
 
 
