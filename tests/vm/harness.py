@@ -259,16 +259,18 @@ def vcpu_threads_from_qmp(qmp: QmpClient) -> dict[int, int]:
     return {cpu["cpu-index"]: cpu["thread-id"] for cpu in qmp.execute("query-cpus-fast")}
 
 
+def process_gone(pid: int) -> bool:
+    """No such process, or a zombie: it has exited and its memory is freed."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
 def _wait_gone(pid: int, timeout: float) -> None:
-    """Wait until a killed process has exited (a zombie counts: its memory is freed)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    return
-        except (OSError, IndexError):
-            return
+    while not process_gone(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
 
 

@@ -25,6 +25,7 @@ from .harness import (
     SchedState,
     VMError,
     missing_components,
+    process_gone,
     sched_state,
     vcpu_threads_from_names,
     vcpu_threads_from_qmp,
@@ -139,15 +140,6 @@ def test_vcpu_threads_found_by_qmp_match_thread_names(guest: GuestVM) -> None:
         assert os.path.exists(f"/proc/{guest.qemu_pid}/task/{tid}")
 
 
-def _gone(pid: int) -> bool:
-    """No such process, or a zombie (exited; init reaps it once vng is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
-
-
 def _cpu_seconds(pid: int, tid: int) -> float:
     with open(f"/proc/{pid}/task/{tid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -194,7 +186,7 @@ def test_devices_can_be_left_out_and_nothing_is_left_behind(tmp_path) -> None:
         assert result.rc == 1 and "no PCI 1af4:1110" in result.stderr
         assert not os.path.exists(vm.hints_sock)
         sockets = [vm.ctl_sock, vm.qmp_sock]
-    assert qemu_pid is not None and _gone(qemu_pid)
+    assert qemu_pid is not None and process_gone(qemu_pid)
     assert not any(os.path.exists(s) for s in sockets)
 
 
@@ -206,6 +198,6 @@ def test_failed_boot_kills_qemu_and_removes_files_but_keeps_the_console(tmp_path
             pass
     assert "guest console" in str(err.value)
     assert vm.qemu_pid is not None and vm.shm_path is not None
-    assert _gone(vm.qemu_pid)
+    assert process_gone(vm.qemu_pid)
     assert not os.path.exists(vm.shm_path)
     assert vm.console_log.stat().st_size > 0
