@@ -19,17 +19,16 @@ from test_host_standin import Standin
 from guestagent.errors import GuestagentError
 from guestagent.host.applier import ThreadApplier, read_settings
 from guestagent.host.capacity import (
-    CpuTimes,
     Sample,
     ThreadTimes,
     capacities,
-    parse_proc_stat,
     parse_task_stat,
     read_sample,
     vcpu_capacity,
 )
 from guestagent.host.discovery import discover, parse_cpus_fast, vcpus_from_names
 from guestagent.host.settings import ThreadSettings
+from guestagent.observe.parse import CpuTimes, ParseError, parse_proc_stat_times
 from guestagent.protocol.model import AppliedFlag
 
 
@@ -152,9 +151,10 @@ def test_vanished_threads_are_handled_quietly(tmp_path):
 
 
 def test_capacity_arithmetic():
-    before = Sample({0: CpuTimes(0, 0), 1: CpuTimes(0, 0)}, {0: ThreadTimes(0, 1)})
-    after = Sample({0: CpuTimes(10, 100), 1: CpuTimes(80, 100)}, {0: ThreadTimes(30, 1)})
-    # pCPU 1 was 80% busy, 30 points of it the vCPU itself: others 50%.
+    before = Sample({0: CpuTimes(0, 0, 0), 1: CpuTimes(0, 0, 0)}, {0: ThreadTimes(0, 1)})
+    after = Sample({0: CpuTimes(10, 0, 0, 90), 1: CpuTimes(70, 0, 10, 20)},
+                   {0: ThreadTimes(30, 1)})
+    # pCPU 1 was 70% busy and 10% stolen, 30 points of it the vCPU itself: others 50%.
     assert vcpu_capacity(before, after, 0) == (512, 512, 1)
     assert vcpu_capacity(before, after, 5) == (1024, -1, -1)
     assert vcpu_capacity(after, after, 0) == (1024, -1, 1)  # no time passed
@@ -164,8 +164,13 @@ def test_capacity_arithmetic():
 
 
 def test_proc_parsers_tolerate_garbage():
-    stat = "cpu  1 2 3 4 5 6 7 8 9 10\ncpu0 10 0 10 70 10 0 0 0 0 0\ncpuX 1\ncpu1 5 5\nintr 1\n"
-    assert parse_proc_stat(stat) == {0: CpuTimes(20, 100), 1: CpuTimes(10, 10)}
+    # The host reads /proc/stat with observe's parser: busy, steal and idle add up to total.
+    stat = "cpu  1 2 3 4 5 6 7 8 9 10\ncpu0 10 0 10 60 10 0 0 10 0 0\ncpu1 5 5 0 0 0 0 0\n"
+    cpus = parse_proc_stat_times(stat + "intr 1\n")
+    assert cpus == {0: CpuTimes(20, 0, 10, 70), 1: CpuTimes(10, 5, 0, 0)}
+    assert cpus[0].total == 100 and cpus[1].total == 10
+    with pytest.raises(ParseError):
+        parse_proc_stat_times(stat + "cpuX 1\n")
     line = "42 (CPU 0/KVM) (x) R " + " ".join(str(i) for i in range(4, 53))
     assert parse_task_stat(line) == ThreadTimes(run=14 + 15, pcpu=39)
     assert parse_task_stat("garbage") is None

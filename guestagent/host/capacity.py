@@ -11,13 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from guestagent.host.discovery import stat_fields
+from guestagent.observe.parse import CpuTimes, ParseError, parse_proc_stat_times
 from guestagent.protocol.model import CAPACITY_MAX, AppliedFlag, VcpuCapacity
-
-
-@dataclass(frozen=True)
-class CpuTimes:
-    busy: int  # USER_HZ ticks not idle and not waiting on IO
-    total: int
 
 
 @dataclass(frozen=True)
@@ -30,24 +25,6 @@ class ThreadTimes:
 class Sample:
     cpus: Mapping[int, CpuTimes]
     threads: Mapping[int, ThreadTimes]  # vCPU -> its thread's times
-
-
-def parse_proc_stat(text: str) -> dict[int, CpuTimes]:
-    """Per-CPU busy/total ticks from /proc/stat (guest time is already in user)."""
-    out: dict[int, CpuTimes] = {}
-    for line in text.splitlines():
-        if not line.startswith("cpu") or line.startswith("cpu "):
-            continue
-        parts = line.split()
-        try:
-            cpu = int(parts[0][3:])
-            ticks = [int(v) for v in parts[1:9]]  # user..steal; guest columns overlap user
-        except ValueError:
-            continue
-        ticks += [0] * (8 - len(ticks))
-        idle = ticks[3] + ticks[4]
-        out[cpu] = CpuTimes(busy=sum(ticks) - idle, total=sum(ticks))
-    return out
 
 
 def parse_task_stat(text: str) -> ThreadTimes | None:
@@ -68,8 +45,9 @@ def vcpu_capacity(before: Sample, after: Sample, vcpu: int) -> tuple[int, int, i
     if then is None or c0 is None or c1 is None or c1.total <= c0.total:
         return CAPACITY_MAX, -1, now.pcpu
     span = c1.total - c0.total
+    # Steal is time a hypervisor below took the pCPU away: as much a loss as other load.
     # The thread may have run elsewhere part of the time: never count below zero.
-    others = (c1.busy - c0.busy) - max(0, now.run - then.run)
+    others = (c1.busy + c1.steal - c0.busy - c0.steal) - max(0, now.run - then.run)
     load = min(max(others / span, 0.0), 1.0)
     host_load = round(CAPACITY_MAX * load)
     return CAPACITY_MAX - host_load, host_load, now.pcpu
@@ -91,7 +69,11 @@ def capacities(before: Sample, after: Sample, vcpus: Mapping[int, AppliedFlag],
 def read_sample(pid: int, tids: Mapping[int, int]) -> Sample:
     """Read /proc/stat and each vCPU thread's stat; vanished threads are left out."""
     with open("/proc/stat", encoding="ascii", errors="replace") as f:
-        cpus = parse_proc_stat(f.read())
+        text = f.read()
+    try:
+        cpus = parse_proc_stat_times(text)
+    except ParseError:
+        cpus = {}  # capacity unknown this period (1024, -1), not a reason to stop
     threads: dict[int, ThreadTimes] = {}
     for vcpu, tid in tids.items():
         try:

@@ -238,6 +238,12 @@ class CpuTimes:
     busy: int  # user + nice + system + irq + softirq (guest time is inside user)
     nice: int  # user time of positively niced tasks
     steal: int
+    idle: int = 0  # idle + iowait
+
+    @property
+    def total(self) -> int:
+        """Every tick the line accounts for (busy + steal + idle)."""
+        return self.busy + self.steal + self.idle
 
 
 def parse_proc_stat_times(text: str) -> dict[int, CpuTimes]:
@@ -249,11 +255,11 @@ def parse_proc_stat_times(text: str) -> dict[int, CpuTimes]:
         toks = line.split()
         try:
             cpu = int(toks[0][3:])
-            user, nice, system, _idle, _iowait, irq, softirq = (int(t) for t in toks[1:8])
+            user, nice, system, idle, iowait, irq, softirq = (int(t) for t in toks[1:8])
             steal = int(toks[8]) if len(toks) > 8 else 0
         except (ValueError, IndexError):
             raise ParseError(f"/proc/stat line {toks[0]!r} is malformed") from None
-        out[cpu] = CpuTimes(user + nice + system + irq + softirq, nice, steal)
+        out[cpu] = CpuTimes(user + nice + system + irq + softirq, nice, steal, idle + iowait)
     return out
 
 
