@@ -9,14 +9,18 @@ It prints "ready <pid>" once the threads are named and the socket listens.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve()
 
@@ -97,6 +101,51 @@ class Standin:
     def stop(self) -> None:
         self.proc.kill()
         self.proc.wait()
+
+
+def policy(tid: int) -> tuple[int, int]:
+    """A thread's scheduling policy and RT priority, read back from the kernel."""
+    return os.sched_getscheduler(tid), os.sched_getparam(tid).sched_priority
+
+
+def seconds_until_reverted(tid: int, limit: float = 3.0) -> float:
+    """How long until the thread is back at SCHED_OTHER 0; `limit` or more if never."""
+    start = time.monotonic()
+    while policy(tid) != (os.SCHED_OTHER, 0) and time.monotonic() - start < limit:
+        time.sleep(0.005)
+    return time.monotonic() - start if policy(tid) == (os.SCHED_OTHER, 0) else limit
+
+
+def pump(link, seconds, until=None):
+    """Run a guest link's event loop for a while (or until `until()` holds); links
+    without an fd (the region) are only ticked."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        now = time.monotonic()
+        deadline = link.tick(now)
+        if until is not None and until():
+            return True
+        fd = link.fileno()
+        wait = max(0.0, min(end, deadline if deadline is not None else end) - now)
+        ready = select.select([fd], [], [], min(wait, 0.05))[0] if fd is not None else []
+        if ready:
+            link.on_readable(time.monotonic())
+        elif fd is None:
+            time.sleep(min(wait, 0.05))
+    return until() if until is not None else True
+
+
+@contextlib.contextmanager
+def ticking(link: Any) -> Iterator[None]:
+    """Keep a guest link's heartbeat going, in a thread, while the test looks elsewhere."""
+    stopped = threading.Event()
+    ticker = threading.Thread(target=pump, args=(link, 60.0, stopped.is_set))
+    ticker.start()
+    try:
+        yield
+    finally:
+        stopped.set()
+        ticker.join()
 
 
 def test_standin_names_its_threads_like_qemu(tmp_path):

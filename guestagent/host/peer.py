@@ -60,6 +60,7 @@ class HostPeer:
         self._before: Sample | None = None  # the one a capacity period earlier
         self._acked: tuple[int, dict[int, AppliedFlag]] | None = None  # last published
         self._next_capacity = float("-inf")  # publish on the first step
+        self.link_state: tuple[str, str] = ("down", "")  # (link, reason) as last logged
 
     def _link_call(self, what: str, func: Callable[[], Any]) -> Any:
         # The link parses untrusted bytes; whatever goes wrong there must not end the peer.
@@ -77,6 +78,7 @@ class HostPeer:
         if self.link is not None:
             view = self._link_call("view", self.link.view)
             if view is not None:
+                self._note_link(view)
                 try:
                     self.guest, self.generation = guest_input(view)
                 except (AttributeError, TypeError, ValueError) as err:
@@ -102,6 +104,15 @@ class HostPeer:
             if nxt is not None:
                 deadlines.append(nxt)
         return min(deadlines)
+
+    def _note_link(self, view: Any) -> None:
+        """Log each change of link state, so an operator sees why nothing is applied
+        (say, a region file QEMU has not created or the guest has not formatted yet)."""
+        state = (str(getattr(view, "link", "")), str(getattr(view, "reason", "")))
+        if state != self.link_state:
+            self.link_state = state
+            self.log(f"link {self.link.kind if self.link else '-'} {state[0]}"
+                     + (f": {state[1]}" if state[1] else ""))
 
     def _apply(self, plan: Plan) -> Plan:
         """Apply each vCPU's settings; a refused change is reported as DENIED."""
@@ -138,8 +149,13 @@ class HostPeer:
             self._link_call("publish", lambda: self.link.publish_capacity(caps, now))
 
     def snapshot(self, now: float) -> PeerSnapshot:
+        if self.link is not None:  # the link may have moved on since the last step
+            view = self._link_call("view", self.link.view)
+            if view is not None:
+                self._note_link(view)
         return PeerSnapshot(
             pid=self.applier.pid, link=self.link.kind if self.link else None,
+            link_state=self.link_state[0], link_reason=self.link_state[1],
             guest_state=self.guest.state.name, generation=self.generation, plan=self.plan,
             current=dict(self.applier.current), tids=self.applier.tids(),
             published=dict(self.published), counters=dict(self.counters),

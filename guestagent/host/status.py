@@ -50,6 +50,8 @@ class PeerSnapshot:
     counters: Mapping[str, int]
     dry_run: bool
     now: float
+    link_state: str = "down"  # the link's own view: down, negotiating, up, refused
+    link_reason: str = ""  # why it is not up, one line
 
 
 def status_document(snap: PeerSnapshot) -> dict[str, Any]:
@@ -74,6 +76,8 @@ def status_document(snap: PeerSnapshot) -> dict[str, Any]:
     return {
         "qemu_pid": snap.pid,
         "link": snap.link,
+        "link_state": snap.link_state,
+        "link_reason": snap.link_reason,
         "guest_state": snap.guest_state,
         "generation": snap.generation,
         "lease": plan.lease.value,
@@ -93,6 +97,8 @@ def format_status(doc: Mapping[str, Any]) -> str:
         f"qemu pid {doc.get('qemu_pid')}  link {doc.get('link') or 'none'}  "
         f"guest {doc.get('guest_state')}  generation {doc.get('generation')}  lease {lease}"
         + ("  DRY RUN" if doc.get("dry_run") else ""),
+        *([f"link {doc['link_state']}: {doc['link_reason']}"]
+          if doc.get("link") and doc.get("link_state", "up") != "up" else []),
         f"{'VCPU':>4} {'TID':>8}  {'HINT':<18} {'APPLIED':<22} {'POLICY':<14} "
         f"{'CPUS':<8} {'PCPU':>4} {'CAPACITY':>8}",
     ]
