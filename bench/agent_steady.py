@@ -1,0 +1,112 @@
+"""The agent at steady state: CPU time and RSS of `guestagent run` with 1,000 and
+10,000 sleeping threads in the guest (this machine stands in for the guest).
+
+The agent runs as a subprocess on a local region with its default sweep
+settings. After it settles, its CPU time (utime + stime from /proc/<pid>/stat)
+is taken over --repeat windows of --window seconds, and its VmRSS once a second.
+Beside it: the agent's own sweep cost and interval (`guestagent status --json`),
+and, for comparison, what the naive way (parsing every /proc/*/task/*/stat at
+each sweep, at the same interval) would cost.
+Targets: at most 0.5 % of one CPU at 10,000 threads; RSS at most 40 MB.
+Run as root: python3 bench/agent_steady.py [--threads 1000,10000] [--window 30] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from agent_proc import cpu_seconds, forks_so_far, rss_mib, running_agent, verdict, wakeups  # noqa: E402
+from observe_load import count_threads, live_threads, raised_limits  # noqa: E402
+from observe_sweep import naive  # noqa: E402
+
+TARGET_CPU_PERCENT = 0.5  # at 10,000 threads
+TARGET_RSS_MB = 40.0
+
+
+def naive_share(interval_s: float, repeat: int = 3) -> tuple[float, float]:
+    """(median seconds of one naive /proc parse, its share of one CPU at interval_s)."""
+    times = []
+    for _ in range(repeat):
+        t0 = time.process_time()
+        naive()
+        times.append(time.process_time() - t0)
+    cost = statistics.median(times)
+    return cost, cost / max(interval_s, cost) * 100
+
+
+def measure(window: float, repeat: int, settle: float) -> dict:
+    with running_agent() as agent:
+        time.sleep(settle)
+        cpu, rss, wake, forks = [], [], [], []
+        for _ in range(repeat):
+            w0, f0 = wakeups(agent.pid), forks_so_far()
+            c0, t0 = cpu_seconds(agent.pid), time.monotonic()
+            while time.monotonic() - t0 < window:
+                rss.append(rss_mib(agent.pid))
+                time.sleep(min(1.0, window / 4))
+            c1, t1 = cpu_seconds(agent.pid), time.monotonic()
+            cpu.append((c1 - c0) / (t1 - t0) * 100)
+            wake.append((wakeups(agent.pid) - w0) / (t1 - t0))
+            forks.append((forks_so_far() - f0) / (t1 - t0))
+        status = agent.status_cli()
+        problems = agent.log_lines()
+    return {"cpu": cpu, "rss": rss, "wake": wake, "forks": forks, "status": status,
+            "problems": problems}
+
+
+def report(total: int, live: int, res: dict) -> None:
+    st = res["status"]
+    cpu, rss = res["cpu"], res["rss"]
+    cpu_med, rss_med, rss_max = statistics.median(cpu), statistics.median(rss), max(rss)
+    interval = st["sweep_interval_ms"] / 1000
+    naive_cost, naive_pct = naive_share(interval)
+    print(f"\n== {total} extra threads ({live} live threads in all) ==")
+    print(f"agent: {st['threads']} threads known via {st['thread_events']}, "
+          f"{st['sweeps']} sweeps, last sweep {st['sweep_ms']:.2f} ms, "
+          f"sweep interval {st['sweep_interval_ms']:.0f} ms "
+          f"(from guestagent status --json)")
+    cpu_target = f" (target <= {TARGET_CPU_PERCENT} %) {verdict(cpu_med, TARGET_CPU_PERCENT)}" \
+        if total >= 10000 else f" (target <= {TARGET_CPU_PERCENT} % applies at 10,000)"
+    print(f"cpu: median {cpu_med:.3f} % of one CPU over {len(cpu)} windows "
+          f"(min {min(cpu):.3f}, max {max(cpu):.3f}){cpu_target}")
+    print(f"rss: median {rss_med:.1f} MiB, max {rss_max:.1f} MiB "
+          f"(target <= {TARGET_RSS_MB:.0f} MB) {verdict(rss_max * 1.048576, TARGET_RSS_MB)}")
+    sweep_share = st["sweep_ms"] / st["sweep_interval_ms"] * 100
+    print(f"of which sweeps: about {sweep_share:.3f} % (last sweep / interval); the rest is "
+          f"{statistics.median(res['wake']):.0f} wakeups/s of the agent, with "
+          f"{statistics.median(res['forks']):.0f} tasks/s created on this machine by other work")
+    print(f"naive: one /proc/*/task/*/stat parse costs {naive_cost * 1e3:.1f} ms of CPU = "
+          f"{naive_pct:.2f} % of one CPU at the agent's interval; the agent's sweep is "
+          f"{naive_cost * 1e3 / max(st['sweep_ms'], 1e-3):.1f}x cheaper")
+    print(f"log: {len(res['problems'])} warning/error lines"
+          + "".join(f"\n  {line}" for line in res["problems"][:10]))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", default="1000,10000")
+    ap.add_argument("--window", type=float, default=30.0, help="seconds per CPU window")
+    ap.add_argument("--repeat", type=int, default=3, help="CPU windows per size")
+    ap.add_argument("--settle", type=float, default=10.0, help="seconds before measuring")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("needs root (raises pid_max/threads-max for the 10,000-thread case)")
+        return 2
+    sizes = [int(x) for x in args.threads.split(",")]
+    with raised_limits(max(sizes)):
+        for total in sizes:
+            with live_threads(total):
+                live = count_threads()
+                res = measure(args.window, args.repeat, args.settle)
+                report(total, live, res)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
