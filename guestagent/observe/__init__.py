@@ -4,14 +4,25 @@ The only package that reads the kernel (through ``kernel.py``). The daemon
 drives an ``Observer`` from its own event loop: it polls ``fds()``, calls
 ``handle_readable(fd)`` when one is readable, and ``snapshot(now)`` when it
 wants a fresh picture. Nothing here starts threads or sleeps.
+
+Cheap and frequent versus complete and rarer: ``snapshot(now, full=False)``
+sweeps the threads (see ``threads.py`` for what it verifies rather than
+re-reads) and reuses the IRQ and CPU tables of the last full snapshot, with
+each IRQ's threads taken from the fresh sweep; ``full=True`` (the default)
+re-reads everything. The daemon takes a full one about once a second.
+
+New threads: the loop also waits for ``deadline()`` and then calls
+``check_young(now)``, which asks threads born in the last ~150 ms for their
+policy; True means one just became real-time, so take a snapshot now.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from guestagent.observe.cpus import CpuState, CpuTable, with_lowprio_threads
-from guestagent.observe.irqs import IrqInfo, IrqTable
+from guestagent.observe.irqs import IrqInfo, IrqTable, with_irq_threads
 from guestagent.observe.kernel import Kernel, LiveKernel, RecordedKernel
 from guestagent.observe.pinned import pinned_critical
 from guestagent.observe.threads import (
@@ -21,6 +32,11 @@ from guestagent.observe.threads import (
     ThreadTable,
     take_new_notes,
 )
+
+# Extra snapshots that young threads trigger are spaced to cost at most this share
+# of one CPU, so that a storm of new real-time threads cannot make the agent spin.
+YOUNG_SWEEP_SHARE = 0.05
+COST_SMOOTHING = 0.25  # weight of the newest snapshot in the average cost
 
 __all__ = [
     "CpuState", "IrqInfo", "Kernel", "LiveKernel", "Observer", "RecordedKernel", "Snapshot",
@@ -58,8 +74,11 @@ class Observer:
             self._threads.close()
             raise
         self._said: set = set()
-        self._lowprio_ticks: dict[int, int] = {}  # tid -> cpu ticks at the last snapshot
+        self._lowprio_ticks: dict[int, int] = {}  # tid -> cpu ticks at the last full snapshot
         self._last_at: float | None = None
+        self._last_full: Snapshot | None = None
+        self._cost = 0.0  # smoothed CPU time of one snapshot, s
+        self._young_hit = False  # a young thread matters; the snapshot is held back
 
     @property
     def thread_mode(self) -> str:
@@ -81,17 +100,59 @@ class Observer:
         """Replace the interest predicate (config reload); applied at the next snapshot."""
         self._threads.set_interest(interest)
 
-    def snapshot(self, now: float) -> Snapshot:
-        threads, thread_notes = self._threads.sweep()
-        irqs, irq_notes = self._irqs.sweep(now, threads)
-        cpus, cpu_notes = self._cpus.sweep(now)
-        if self._last_at is not None:
-            cpus = with_lowprio_threads(cpus, threads, self._lowprio_ticks,
-                                        now - self._last_at, self.kernel.clock_ticks())
-        self._lowprio_ticks = {t.tid: t.cpu_ticks for t in threads if t.is_lowprio}
+    def deadline(self) -> float | None:
+        """When ``check_young`` is next due (``time.monotonic()`` clock), or None."""
+        due = self._threads.young_deadline()
+        if self._young_hit:
+            held = self._young_release()
+            due = held if due is None else min(due, held)
+        return due
+
+    def check_young(self, now: float) -> bool:
+        """Re-check the young threads that are due; True: take a snapshot now.
+
+        A young thread that became real-time is reported at once unless the
+        last snapshot was too recent for ``YOUNG_SWEEP_SHARE``; then it is held
+        and ``deadline()`` says when to come back.
+        """
+        if self._threads.check_young(now):
+            self._young_hit = True
+        if self._young_hit and now >= self._young_release():
+            self._young_hit = False
+            return True
+        return False
+
+    def _young_release(self) -> float:
+        if self._last_at is None:
+            return float("-inf")
+        return self._last_at + self._cost / YOUNG_SWEEP_SHARE
+
+    def snapshot(self, now: float, full: bool = True) -> Snapshot:
+        """Sweep; ``full=False`` reuses the IRQ and CPU tables of the last full snapshot."""
+        started = time.thread_time()
+        last = self._last_full
+        full = full or last is None
+        threads, thread_notes = self._threads.sweep(full)
+        if full:
+            irqs, irq_notes = self._irqs.sweep(now, threads)
+            cpus, cpu_notes = self._cpus.sweep(now)
+            if last is not None:
+                cpus = with_lowprio_threads(cpus, threads, self._lowprio_ticks,
+                                            now - last.taken_at, self.kernel.clock_ticks())
+            self._lowprio_ticks = {t.tid: t.cpu_ticks for t in threads if t.is_lowprio}
+            notes = thread_notes + take_new_notes(irq_notes + cpu_notes, self._said)
+        else:
+            assert last is not None
+            irqs, cpus, notes = with_irq_threads(last.irqs, threads), last.cpus, thread_notes
+        snap = Snapshot(now, threads, len(self._threads), irqs, cpus, notes)
+        if full:
+            self._last_full = snap
         self._last_at = now
-        notes = thread_notes + take_new_notes(irq_notes + cpu_notes, self._said)
-        return Snapshot(now, threads, len(self._threads), irqs, cpus, notes)
+        self._young_hit = False  # this snapshot shows them
+        cost = time.thread_time() - started
+        self._cost = cost if self._cost == 0.0 else \
+            COST_SMOOTHING * cost + (1 - COST_SMOOTHING) * self._cost
+        return snap
 
     def close(self) -> None:
         self._threads.close()

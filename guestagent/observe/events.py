@@ -39,6 +39,7 @@ class ProcEvent:
     tgid: int
     parent_tid: int = 0  # fork only: the thread that created it
     comm: str | None = None  # comm only
+    timestamp_ns: int = 0  # CLOCK_MONOTONIC (ktime_get_ns) when the kernel sent it; 0 unknown
 
 
 def parse_proc_events(data: bytes) -> tuple[list[ProcEvent], int]:
@@ -65,14 +66,14 @@ def parse_proc_events(data: bytes) -> tuple[list[ProcEvent], int]:
 
 
 def _decode_one(data: bytes, off: int, length: int):
-    what = _EV_HEAD.unpack_from(data, off + _NLMSG.size + _CN_MSG.size)[0]
+    what, _cpu, stamp = _EV_HEAD.unpack_from(data, off + _NLMSG.size + _CN_MSG.size)
     body = off + _DATA_OFFSET
     room = off + length - body
     if what == PROC_EVENT_FORK:
         if room < _FORK.size:
             return False
         ptid, _ptgid, tid, tgid = _FORK.unpack_from(data, body)
-        return ProcEvent("fork", tid, tgid, parent_tid=ptid)
+        return ProcEvent("fork", tid, tgid, parent_tid=ptid, timestamp_ns=stamp)
     if what == PROC_EVENT_COMM:
         if room < _COMM.size:
             return False
@@ -82,7 +83,8 @@ def _decode_one(data: bytes, off: int, length: int):
         if room < _PAIR.size:
             return False
         tid, tgid = _PAIR.unpack_from(data, body)
-        return ProcEvent("exec" if what == PROC_EVENT_EXEC else "exit", tid, tgid)
+        return ProcEvent("exec" if what == PROC_EVENT_EXEC else "exit", tid, tgid,
+                         timestamp_ns=stamp)
     return None  # uid/gid/sid/ptrace/coredump/ack: not ours
 
 
@@ -100,7 +102,7 @@ def encode_proc_event(event: ProcEvent, seq: int = 0) -> bytes:
         what, body = PROC_EVENT_EXIT, _PAIR.pack(event.tid, event.tgid) + bytes(16)
     else:
         raise ValueError(f"unknown event kind {event.kind!r}")
-    payload = _EV_HEAD.pack(what, 0, 0) + body
+    payload = _EV_HEAD.pack(what, 0, event.timestamp_ns) + body
     cn = _CN_MSG.pack(1, 1, seq, 0, len(payload), 0)
     total = _NLMSG.size + len(cn) + len(payload)
     return _NLMSG.pack(total, 3, 0, seq, 0) + cn + payload + bytes(-total % 4)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from guestagent.observe.kernel import Kernel
 from guestagent.observe.parse import ParseError, parse_cpulist, parse_interrupts
@@ -66,6 +66,21 @@ def netdev_irqs(kernel: Kernel, links: Sequence[str],
         for irq in irqs:
             out.setdefault(irq, []).append(ifname)
     return {irq: tuple(sorted(set(names))) for irq, names in out.items()}
+
+
+def with_irq_threads(irqs: tuple[IrqInfo, ...],
+                     threads: Iterable[ThreadInfo]) -> tuple[IrqInfo, ...]:
+    """The same IRQ table with each IRQ's threads taken from a newer thread sweep."""
+    by_irq = irq_threads_by_number(threads)
+    out = []
+    changed = False
+    for irq in irqs:
+        current = by_irq.get(irq.irq, ())
+        if current != irq.threads:  # the thread sweep reuses unchanged ThreadInfo objects
+            irq = replace(irq, threads=current)
+            changed = True
+        out.append(irq)
+    return tuple(out) if changed else irqs
 
 
 def _msi_irqs(kernel: Kernel, path: str) -> list[int]:

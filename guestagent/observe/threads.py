@@ -1,20 +1,39 @@
 """The thread table: every thread's scheduling state, kept current cheaply.
 
 The set of threads follows the proc connector's fork/exec/comm/exit events
-(or, where that is unavailable, a rescan of /proc each sweep). A sweep asks the
-scheduler for every known thread's policy and nice with one syscall each, and
-reads /proc text only for the threads that matter: a policy other than OTHER,
-a nice other than 0, or chosen by the ``interest`` predicate.
+(or, where that is unavailable, a rescan of /proc each sweep).
+
+What one sweep costs, per thread (the floor is one syscall per thread):
+
+- every thread: one sched_getscheduler;
+- nice: a rotating quarter of the threads, plus every thread new since the
+  last sweep and every thread that matters. A nice change of a thread that does
+  not matter yet is therefore seen within ``NICE_ROTATION`` (4) sweeps;
+- threads that matter (a policy other than OTHER, a nice other than 0, or
+  chosen by the ``interest`` predicate) also get detail, kept per thread:
+  user-space RT and interest threads have their stat pread() through a kept
+  fd every sweep (re-parsed, and affinity re-read, only when the line changed);
+  the others (kernel threads such as kworker/*H at nice -20 or migration/N,
+  and low-priority threads) are only verified with nice and rt-priority
+  syscalls, and their stat is re-read when one of those changed.
+  ``sweep(full=True)`` re-reads every detail. So between full sweeps the
+  last_cpu, state and cpu_ticks of those others, and the affinity of a thread
+  whose stat line has not changed, may be as old as the last full sweep.
+
+Young threads (seen in a fork or exec event) are also asked for their policy a
+few times shortly after birth (``check_young``), see ``young.py``.
 """
 
 from __future__ import annotations
 
 import errno
+import time
 from dataclasses import dataclass
+from itertools import compress
 from typing import Callable
 
 from guestagent.observe.events import ProcEvent
-from guestagent.observe.kernel import SCHED_DEADLINE, Kernel, ProcEventSource
+from guestagent.observe.kernel import GONE, SCHED_DEADLINE, Kernel, ProcEventSource
 from guestagent.observe.parse import (
     PF_KTHREAD,
     PF_NO_SETAFFINITY,
@@ -25,9 +44,12 @@ from guestagent.observe.parse import (
     parse_stat,
     systemd_unit,
 )
+from guestagent.observe.young import YoungThreads
 from guestagent.protocol.model import SchedClass
 
 RT_CLASSES = frozenset({SchedClass.FIFO, SchedClass.RR, SchedClass.DEADLINE})
+NICE_ROTATION = 4  # nice of threads that do not matter: a 1/4 slice per sweep
+_FIFO_RR = (SchedClass.FIFO, SchedClass.RR)
 
 
 @dataclass(frozen=True)
@@ -123,6 +145,13 @@ class ThreadTable:
         self._notes: list[tuple[str, str]] = []  # (key, line) for the next sweep
         self._said: set[str] = set()  # keys already reported: a condition is said once
         self._needs_rescan = True
+        self._stat = kernel.stat_reader()
+        self._info: dict[int, ThreadInfo] = {}  # last detail of each thread that matters
+        self._raw: dict[int, bytes] = {}  # the stat line behind _info
+        self._niced: dict[int, int] = {}  # tid -> nice of threads last seen at nice != 0
+        self._nice_unread: set[int] = set()  # new threads whose nice was never asked
+        self._phase = 0  # which slice of the threads has its nice asked this sweep
+        self.young = YoungThreads()
         self.events: ProcEventSource | None = None
         self.mode = "rescan"
         if watch:
@@ -156,22 +185,31 @@ class ThreadTable:
 
     def apply(self, events: list[ProcEvent]) -> None:
         """Update the set of threads from connector events (in kernel order)."""
-        known = self._known
+        known, young = self._known, self.young
+        now = None
         for ev in events:
             if ev.kind == "fork":
                 parent = known.get(ev.parent_tid)
                 known[ev.tid] = _Known(ev.tgid, parent.comm if parent else None)
                 self._pending.add(ev.tid)
+                self._nice_unread.add(ev.tid)
+                if ev.timestamp_ns:
+                    young.add(ev.tid, ev.timestamp_ns / 1e9)
+                else:
+                    now = time.monotonic() if now is None else now
+                    young.add(ev.tid, now)
             elif ev.kind == "exit":
-                known.pop(ev.tid, None)
-                self._pending.discard(ev.tid)
-                self._interested.discard(ev.tid)
+                self._forget(ev.tid)
                 if ev.tid == ev.tgid:
                     self._identity.pop(ev.tgid, None)
             elif ev.kind == "exec":
+                self._forget(ev.tid)  # a new image: new identity, new detail
                 known[ev.tid] = _Known(ev.tgid, None)
                 self._identity.pop(ev.tgid, None)
                 self._pending.add(ev.tid)
+                self._nice_unread.add(ev.tid)
+                now = time.monotonic() if now is None else now
+                young.add(ev.tid, ev.timestamp_ns / 1e9 if ev.timestamp_ns else now)
             elif ev.kind == "comm":
                 entry = known.get(ev.tid)
                 if entry is None:
@@ -262,69 +300,129 @@ class ThreadTable:
         for tgid, tid in seen:
             entry = self._known.get(tid)
             if entry is None or entry.tgid != tgid:
+                if entry is not None:
+                    self._forget(tid)
                 self._known[tid] = _Known(tgid, None)
                 self._pending.add(tid)
+                self._nice_unread.add(tid)
         self._needs_rescan = self.events is None
 
     def _forget(self, tid: int) -> None:
         self._known.pop(tid, None)
         self._pending.discard(tid)
         self._interested.discard(tid)
+        self._nice_unread.discard(tid)
+        self._niced.pop(tid, None)
+        self._raw.pop(tid, None)
+        self._info.pop(tid, None)
+        self._stat.drop(tid)
 
     def __len__(self) -> int:
         return len(self._known)
 
-    def sweep(self) -> tuple[tuple[ThreadInfo, ...], tuple[str, ...]]:
-        """Re-read every thread's policy and nice; detail only for threads that matter.
+    def sweep(self, full: bool = True) -> tuple[tuple[ThreadInfo, ...], tuple[str, ...]]:
+        """Re-read every thread's policy; detail only for threads that matter.
 
-        Returns (threads that matter sorted by tid, notes not said before).
+        ``full=False`` is the frequent path: see the module docstring for what
+        it verifies instead of re-reading. Returns (threads that matter sorted
+        by tid, notes not said before).
         """
         if self._needs_rescan:
             self.rescan()
         if self._pending:
             self._evaluate_pending()
+        kernel = self._kernel
         tids = list(self._known)
-        policies = self._kernel.policies(tids)
-        nices = self._kernel.nices(tids)
-        interested = self._interested
-        # policy OTHER is 0, nice 0 is 0, GONE is -1: a truthiness test picks both
-        # "matters" and "exited" in one C-speed pass over the batch
-        matter = [t for t, p, n in zip(tids, policies, nices) if p or n or t in interested] \
-            if interested else [t for t, p, n in zip(tids, policies, nices) if p or n]
-        out: list[ThreadInfo] = []
+        policies = kernel.policies(tids)
+        # OTHER is 0 and GONE is -1: compress() keeps "not OTHER" and "exited" at C speed
+        policy_of = dict(zip(compress(tids, policies), compress(policies, policies)))
+        self._phase = (self._phase + 1) % NICE_ROTATION
+        part = tids[self._phase::NICE_ROTATION]
+        if self._nice_unread:
+            part += [t for t in self._nice_unread if t in self._known]
+            self._nice_unread.clear()
+        nices = kernel.nices(part)
+        self._niced.update(zip(compress(part, nices), compress(nices, nices)))
+        # what mattered at the last sweep is looked at too, to see it stop mattering
+        matter = policy_of.keys() | self._niced.keys() | self._interested | self._info.keys()
         unknown_policies: set[int] = set()
+        verify: list[tuple[int, ThreadInfo]] = []
         for tid in matter:
-            info = self._detail(tid, unknown_policies)
-            if info is not None:
-                out.append(info)
+            policy = policy_of.get(tid, 0)
+            if policy == GONE:
+                self._forget(tid)
+                continue
+            info = self._info.get(tid)
+            if full or info is None or policy != info.policy or policy == SCHED_DEADLINE:
+                self._read_detail(tid, unknown_policies, None)
+            elif not info.is_kthread and (policy or tid in self._interested):
+                self._read_detail(tid, unknown_policies, info)  # the workload: stay fresh
+            else:
+                verify.append((tid, info))
+        if verify:
+            self._verify(verify, unknown_policies)
         if unknown_policies:
             self._note("policy-unknown", "scheduling policy "
                        f"{', '.join(map(str, sorted(unknown_policies)))} not known to this "
                        "version: shown as OTHER")
-        out.sort(key=lambda t: t.tid)
-        return tuple(out), self._take_notes()
+        if full:
+            self._stat.keep_only(self._info)
+        return tuple(self._info[t] for t in sorted(self._info)), self._take_notes()
 
-    def _detail(self, tid: int, unknown_policies: set[int]) -> ThreadInfo | None:
+    def _verify(self, checks: list[tuple[int, ThreadInfo]], unknown_policies: set[int]) -> None:
+        """Keep a detail whose nice and rt priority are unchanged; re-read it otherwise."""
+        kernel = self._kernel
+        nices = kernel.nices([tid for tid, _ in checks])
+        rt = [(tid, info) for tid, info in checks if info.policy in _FIFO_RR]
+        prios = dict(zip([tid for tid, _ in rt], kernel.rt_priorities([t for t, _ in rt])))
+        for (tid, info), nice in zip(checks, nices):
+            prio = prios.get(tid, info.rt_priority)
+            if prio == GONE:
+                self._forget(tid)
+            elif nice != info.nice or prio != info.rt_priority:
+                self._read_detail(tid, unknown_policies, None)
+            elif not (nice or info.policy or tid in self._interested):
+                self._drop_detail(tid)  # interest withdrawn
+
+    def _drop_detail(self, tid: int) -> None:
+        self._info.pop(tid, None)
+        self._raw.pop(tid, None)
+        self._niced.pop(tid, None)
+        self._stat.drop(tid)
+
+    def _read_detail(self, tid: int, unknown_policies: set[int],
+                     cached: ThreadInfo | None) -> None:
+        """Read a thread's stat into _info (or drop it when it no longer matters);
+        with ``cached``, an unchanged stat line keeps the cached detail as is."""
         entry = self._known.get(tid)
         if entry is None:
-            return None
+            return
         kernel, tgid = self._kernel, entry.tgid
         try:
-            # one stat read gives policy, priority, nice, state and CPU at a single
-            # instant; the syscall pass already chose this thread, so no need to re-ask
-            stat = parse_stat(kernel.stat(tgid, tid))
+            raw = self._stat.read(tgid, tid)
+            exe, cgroup = self._process_identity(tgid)
+            if cached is not None and raw == self._raw.get(tid) and \
+                    cached.exe == exe and cached.cgroup == cgroup:
+                return
+            # one stat read gives policy, priority, nice, state and CPU at a single instant
+            stat = parse_stat(raw)
+            if not (stat.policy or stat.nice or tid in self._interested):
+                self._drop_detail(tid)
+                return
             affinity = kernel.affinity(tgid, tid)
             dl = kernel.deadline(tgid, tid) if stat.policy == SCHED_DEADLINE else (0, 0, 0)
         except OSError as err:
             if _gone(err):
                 self._forget(tid)
             else:
+                self._drop_detail(tid)
                 self._note(f"detail-{err.errno}", f"some threads' scheduling details are "
                            f"unreadable ({err.strerror}): left out")
-            return None
+            return
         except ParseError as err:
+            self._drop_detail(tid)
             self._note("stat-parse", f"malformed /proc stat skipped ({err})")
-            return None
+            return
         if entry.comm != stat.comm:
             entry.comm = stat.comm
             if self._interest is not None:
@@ -333,14 +431,38 @@ class ThreadTable:
         if policy is None:
             unknown_policies.add(stat.policy)
             policy = SchedClass.OTHER
-        exe, cgroup = self._process_identity(tgid)
-        return ThreadInfo(
+        if stat.nice:
+            self._niced[tid] = stat.nice
+        else:
+            self._niced.pop(tid, None)
+        self._raw[tid] = raw
+        self._info[tid] = ThreadInfo(
             tid=tid, tgid=tgid, comm=stat.comm, policy=policy,
             rt_priority=stat.rt_priority, nice=stat.nice,
             dl_runtime=dl[0], dl_deadline=dl[1], dl_period=dl[2], affinity=affinity,
             last_cpu=stat.last_cpu, state=stat.state, cgroup=cgroup, exe=exe,
             flags=stat.flags, cpu_ticks=stat.cpu_ticks,
         )
+
+    # -- young threads --------------------------------------------------------
+
+    def young_deadline(self) -> float | None:
+        return self.young.deadline()
+
+    def check_young(self, now: float) -> bool:
+        """Ask the young threads whose check is due for their policy; True when one
+        that is not in the table yet now has a policy other than OTHER."""
+        due = self.young.take_due(now)
+        if not due:
+            return False
+        policies = self._kernel.policies([tid for _, _, tid in due])
+        hit = False
+        for (stage, born, tid), policy in zip(due, policies):
+            if policy == 0:
+                self.young.again(stage, born, tid)
+            elif policy != GONE and tid not in self._info and tid in self._known:
+                hit = True
+        return hit
 
     # -- notes ----------------------------------------------------------------
 
@@ -352,6 +474,7 @@ class ThreadTable:
         return take_new_notes(notes, self._said)
 
     def close(self) -> None:
+        self._stat.close()
         if self.events:
             self.events.close()
             self.events = None
