@@ -34,6 +34,7 @@ from guestagent.uplink import RANK, Choice, available, open_link
 RELINK_INTERVAL = 10.0  # how often to look for a better transport without a uevent
 STOP_FLUSH = 0.5  # how long a stopping agent keeps trying to deliver its last words
 COST_SMOOTHING = 0.25  # weight of the newest sweep in the average sweep cost
+FULL_INTERVAL = 1.0  # IRQ and CPU tables and every thread detail: re-read this often
 
 log = logging.getLogger("guestagent")
 
@@ -143,9 +144,9 @@ class Agent:
 
     # -- observe, decide, publish, steer -----------------------------------------
 
-    def sweep(self, now: float) -> None:
+    def sweep(self, now: float, full: bool = True) -> None:
         started = time.perf_counter()
-        self.snapshot = self.observer.snapshot(now)
+        self.snapshot = self.observer.snapshot(now, full=full)
         self.sweep_cost = time.perf_counter() - started
         self.sweeps += 1
         # Smoothed, so that one slow sweep (a burst of new processes, a busy
@@ -303,6 +304,7 @@ class Agent:
             selector.register(fd, selectors.EVENT_READ, what)
         link_fd: int | None = None
         next_sweep = now + self.interval
+        next_full = now + FULL_INTERVAL
         next_relink = now + RELINK_INTERVAL
         next_metrics = now
         next_watchdog = now
@@ -319,7 +321,7 @@ class Agent:
                     selector.register(fd, selectors.EVENT_READ, "link")
                 link_fd = fd
             link_due = self.link.tick(now) if self.link else None
-            deadlines = [next_sweep, next_relink, link_due]
+            deadlines = [next_sweep, next_relink, link_due, self.observer.deadline()]
             if self.config.metrics["textfile_dir"]:
                 deadlines.append(next_metrics)
             if self.notifier.watchdog_interval:
@@ -331,9 +333,16 @@ class Agent:
             if self.reload_requested:
                 self.reload_requested = False
                 self.reload(now)
-            if now >= next_sweep:
-                self.sweep(now)
+            young_due = self.observer.deadline()
+            # a young thread that just became real-time: sweep at once, not at next_sweep
+            young = young_due is not None and now >= young_due and \
+                self.observer.check_young(now)
+            if young or now >= next_sweep:
+                full = now >= next_full
+                self.sweep(now, full=full)
                 next_sweep = now + self.interval
+                if full:
+                    next_full = now + FULL_INTERVAL
             if now >= next_relink:
                 self.relink(now)
                 next_relink = now + RELINK_INTERVAL
