@@ -8,8 +8,8 @@ SCHED_FIFO at a priority no other thread of that CPU has; this process reads the
 region as the host does (RegionHostLink on the same file, ticked every --poll-ms)
 and times until the hint for that vCPU shows BOOST at the probe's priority. Then
 the probe goes back to SCHED_OTHER and the wait for the hint to drop is timed.
-Each trial starts after a random pause, so trials fall at every phase of the
-agent's sweep timer.
+Each trial starts after a random pause up to the agent's current sweep interval
+(from its status), so trials fall at every phase of the agent's sweep timer.
 Target: p99 at most 100 ms with 1,000 threads (boost; the unboost is reported too).
 Run as root: python3 bench/agent_latency.py [--threads 1000] [--trials 200]
 """
@@ -87,16 +87,18 @@ def wait_until(host: RegionHostLink, want, poll: float, timeout: float) -> float
         time.sleep(poll)
 
 
-def run_trials(region: str, cpu: int, prio: int, trials: int, poll: float,
-               pause: float) -> tuple[list[float], list[float], int]:
+def run_trials(agent, cpu: int, prio: int, trials: int, poll: float,
+               pause: float | None) -> tuple[list[float], list[float], int]:
     boost, unboost, lost = [], [], 0
-    host = RegionHostLink(region, poll_interval=poll)
+    host = RegionHostLink(agent.region, poll_interval=poll)
     probe = Probe(cpu)
     try:
         if wait_until(host, lambda: ours(host, cpu, prio) is not None, poll, 30) is None:
             raise RuntimeError("the agent published no hints to the region within 30 s")
-        for _ in range(trials):
-            time.sleep(random.uniform(0, pause))
+        for k in range(trials):
+            if pause is None and k % 10 == 0:  # the interval follows the sweep cost
+                interval = agent.ask("status")["sweep_interval_ms"] / 1000
+            time.sleep(random.uniform(0, interval if pause is None else pause))
             if ours(host, cpu, prio):  # someone else at our priority on this vCPU
                 raise RuntimeError(f"vCPU {cpu} already shows FIFO {prio}: choose --prio")
             t0 = time.monotonic()
@@ -136,8 +138,9 @@ def main() -> int:
     ap.add_argument("--prio", type=int, default=88, help="the probe's FIFO priority: one "
                     "that no other thread on that CPU has")
     ap.add_argument("--poll-ms", type=float, default=1.0, help="host-side region polling")
-    ap.add_argument("--pause-ms", type=float, default=300.0,
-                    help="longest random pause before each trial")
+    ap.add_argument("--pause-ms", type=float, default=None,
+                    help="longest random pause before each trial (default: the agent's "
+                    "sweep interval)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("needs root (SCHED_FIFO, proc connector, raising pid_max)")
@@ -145,8 +148,9 @@ def main() -> int:
     with raised_limits(args.threads), live_threads(args.threads):
         live = count_threads()
         with running_agent(hold_time_ms=0, min_change_interval_ms=0) as agent:
-            boost, unboost, lost = run_trials(agent.region, args.cpu, args.prio, args.trials,
-                                              args.poll_ms / 1000, args.pause_ms / 1000)
+            pause = None if args.pause_ms is None else args.pause_ms / 1000
+            boost, unboost, lost = run_trials(agent, args.cpu, args.prio, args.trials,
+                                              args.poll_ms / 1000, pause)
             status = agent.status_cli()
             problems = agent.log_lines()
     print(f"\n== {args.threads} extra threads ({live} live), probe on vCPU {args.cpu} at "
