@@ -75,30 +75,69 @@ def agent_unavailable() -> str | None:
     return None
 
 
+AGENT_START_TIMEOUT = 120.0  # Python starting in a TCG guest on a busy machine is slow
+
+
+def peer_link_up(status_socket: str) -> bool:
+    """The host peer has negotiated with a running guest agent."""
+    from guestagent.errors import GuestagentError
+    from guestagent.host.status import fetch
+
+    try:
+        doc = fetch(status_socket)
+    except (GuestagentError, OSError, ValueError):
+        return False
+    return doc.get("link_state") == "up" and doc.get("guest_state") == "RUNNING"
+
+
+def applied_summary(status_socket: str) -> str:
+    """What the host peer applied to each vCPU thread, one line, to read the figures by."""
+    from guestagent.errors import GuestagentError
+    from guestagent.host.status import fetch
+
+    try:
+        doc = fetch(status_socket)
+    except (GuestagentError, OSError, ValueError) as err:
+        return f"host peer status unavailable ({err})"
+    return "; ".join(f"vCPU {v['vcpu']}: {','.join(v['applied']) or 'nothing'} ({v['policy']})"
+                     for v in doc.get("vcpus", []))
+
+
 @contextlib.contextmanager
 def guestagent_running(vm: GuestVM) -> Iterator[None]:
     """`guestagent run` in the guest over the virtio-serial port, the host peer beside QEMU."""
     config = vm.workdir / "guestagent.toml"
+    # The control socket lives in the guest's own /run: the workdir is a 9p share.
+    # Heartbeats twice a second keep the peer's 1.5 s lease safe from TCG timer jitter.
     config.write_text(
+        "[agent]\n"
+        "heartbeat_interval_ms = 500\n"
         "[transport]\n"
         'mode = "channel"\n'
         "[control]\n"
-        f'socket = "{vm.workdir / "agent-control.sock"}"\n'
+        'socket = "/run/guestagent-bench/control.sock"\n'
     )
+    status_socket = str(vm.workdir / "peer.status")
     peer_log = open(vm.workdir / "peer.log", "wb")
     peer = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from guestagent.host.cli import main; "
-         "sys.exit(main(sys.argv[1:]))", "run", "--qmp", vm.peer_qmp_sock,
-         "--channel", vm.hints_sock, "--status-socket", str(vm.workdir / "peer.status")],
+        [sys.executable, "-m", "guestagent.host.cli", "run", "--qmp", vm.peer_qmp_sock,
+         "--channel", vm.hints_sock, "--status-socket", status_socket],
         stdout=peer_log, stderr=subprocess.STDOUT)
     agent = vm.spawn([sys.executable, "-m", "guestagent", "run", "--config", str(config)])
     try:
-        time.sleep(3)  # let them negotiate before measuring
-        for name, dead in (("host peer", peer.poll() is not None),
-                           ("agent", vm.wait(agent, timeout=0).rc is not None)):
-            if dead:
-                raise BenchError(f"the {name} exited at start; see {vm.workdir}")
+        deadline = time.monotonic() + AGENT_START_TIMEOUT
+        while not peer_link_up(status_socket):  # measure only once they have negotiated
+            for name, dead in (("host peer", peer.poll() is not None),
+                               ("agent", vm.wait(agent, timeout=0).rc is not None)):
+                if dead:
+                    raise BenchError(f"the {name} exited at start; see {vm.workdir}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"agent and host peer not linked after "
+                                 f"{AGENT_START_TIMEOUT:.0f} s; see {vm.workdir}/peer.log")
+            time.sleep(0.5)
         yield
+        print("vm_latency: agent: at the end, " + applied_summary(status_socket),
+              file=sys.stderr, flush=True)
     finally:
         vm.signal(agent, 15)
         vm.wait(agent, timeout=10)
