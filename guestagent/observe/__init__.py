@@ -33,9 +33,11 @@ from guestagent.observe.threads import (
     take_new_notes,
 )
 
-# Extra snapshots that young threads trigger are spaced to cost at most this share
-# of one CPU, so that a storm of new real-time threads cannot make the agent spin.
+# Extra snapshots that young threads trigger cost at most this share of one CPU on
+# average (a token bucket that holds YOUNG_SWEEP_BURST snapshots), so a lone new RT
+# thread is shown at once but a storm of them cannot make the agent spin.
 YOUNG_SWEEP_SHARE = 0.05
+YOUNG_SWEEP_BURST = 4
 COST_SMOOTHING = 0.25  # weight of the newest snapshot in the average cost
 
 __all__ = [
@@ -79,6 +81,8 @@ class Observer:
         self._last_full: Snapshot | None = None
         self._cost = 0.0  # smoothed CPU time of one snapshot, s
         self._young_hit = False  # a young thread matters; the snapshot is held back
+        self._young_credit = 0.0  # CPU seconds young-triggered snapshots may still spend
+        self._credit_at: float | None = None
 
     @property
     def thread_mode(self) -> str:
@@ -119,13 +123,22 @@ class Observer:
             self._young_hit = True
         if self._young_hit and now >= self._young_release():
             self._young_hit = False
+            self._young_credit = self._credit(now) - self._cost
+            self._credit_at = now
             return True
         return False
 
+    def _credit(self, now: float) -> float:
+        if self._credit_at is None:
+            return YOUNG_SWEEP_BURST * self._cost
+        return min(YOUNG_SWEEP_BURST * self._cost,
+                   self._young_credit + YOUNG_SWEEP_SHARE * max(0.0, now - self._credit_at))
+
     def _young_release(self) -> float:
-        if self._last_at is None:
+        """When the bucket holds one snapshot's cost again."""
+        if self._credit_at is None or self._young_credit >= self._cost:
             return float("-inf")
-        return self._last_at + self._cost / YOUNG_SWEEP_SHARE
+        return self._credit_at + (self._cost - self._young_credit) / YOUNG_SWEEP_SHARE
 
     def snapshot(self, now: float, full: bool = True) -> Snapshot:
         """Sweep; ``full=False`` reuses the IRQ and CPU tables of the last full snapshot."""
