@@ -89,7 +89,7 @@ def test_live_tasks_shows_real_rt_thread():
 
 DROP_AND_RUN = textwrap.dedent("""
     import os, sys
-    import guestagent.cli, guestagent.observe, pyroute2, pyudev, json  # noqa
+    import guestagent.cli, guestagent.observe, pyudev, json  # noqa
     parser = guestagent.cli.build_parser()  # imports every CLI area while still root
     os.setgroups([]); os.setgid(65534); os.setuid(65534)
     args = parser.parse_args(sys.argv[1:])

@@ -1,7 +1,7 @@
 """Process events from the netlink proc connector, decoded from raw bytes.
 
-pyroute2's ProcEventSocket sets up the subscription; the datagrams are decoded
-here with struct because that is faster than pyroute2's generic marshal, and
+kernel.ProcEventSource subscribes; the datagrams are decoded here with struct
+because that is faster than a generic netlink marshal, and
 because a comm that is not UTF-8 (legal: comm is arbitrary bytes) must not
 raise. Anything malformed is counted and skipped, never raised.
 """
