@@ -10,8 +10,8 @@ Compares, in the same run and on the same threads:
   naive     read and parse every /proc/*/task/*/stat for its policy field
   psutil    psutil.process_iter() + Process.threads() + Process(tid).nice()
             (psutil exposes no scheduling policy; nice is the closest it reads)
-The methods run interleaved, round after round, so that a noisy neighbour
-weighs on all of them alike.
+The methods run interleaved, in a new random order each round, so that a noisy
+neighbour (and the cold caches psutil leaves behind) weighs on all of them alike.
 Target: at most 0.5 us per thread, at least 20x faster than the naive parser.
 Run as root: python3 bench/observe_sweep.py [--threads 1000,10000] [--repeat 9]
 """
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import sys
 import time
@@ -102,8 +103,11 @@ def run(total: int, repeat: int) -> None:
         per: dict[str, list[float]] = {name: [] for name in methods}
         whole: dict[str, list[float]] = {name: [] for name in methods}
         counts: dict[str, int] = {}
+        order = list(methods)
         for _ in range(repeat):
-            for name, fn in methods.items():
+            random.shuffle(order)  # the first after psutil finds cold caches: spread that
+            for name in order:
+                fn = methods[name]
                 t0 = time.perf_counter()
                 n = fn()
                 dt = time.perf_counter() - t0
