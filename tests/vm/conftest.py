@@ -29,6 +29,14 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
     """Attach the guest console to a failing test's report: the kernel's view of why."""
     outcome = yield
     report = outcome.get_result()
-    vm = getattr(item, "funcargs", {}).get("guest")
+    funcargs = getattr(item, "funcargs", {})
+    vm = funcargs.get("guest")
     if report.failed and isinstance(vm, GuestVM):
         report.sections.append(("guest console", vm.console_tail(80)))
+    # End-to-end fixtures say what the agent and the host peer were doing.
+    diagnostics = getattr(funcargs.get("e2e"), "diagnostics", None)
+    if report.failed and callable(diagnostics):
+        try:
+            report.sections.append(("agent and host peer", diagnostics()))
+        except Exception as err:  # the guest may be gone: keep the original failure
+            report.sections.append(("agent and host peer", f"unavailable: {err}"))
