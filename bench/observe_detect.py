@@ -5,7 +5,7 @@ The observer runs as the daemon drives it (guestagent/daemon.py): an event
 loop polls its fds (proc connector), sweeps with snapshot(full=False) spaced so
 that sweeping costs at most --budget % of one CPU (never more often than
 --floor-ms), takes a full snapshot at most once a second, and calls
-check_young() at the observer's deadline(), sweeping at once when it says so.
+check_changes() at the observer's deadline(), sweeping at once when it says so.
 A helper process starts one thread per trial, after a random pause (so trials
 fall at every phase of the sweep timer); the thread takes CLOCK_MONOTONIC
 (shared by all processes) and then calls sched_setscheduler(FIFO). The latency
@@ -109,7 +109,7 @@ class AgentLoop:
                 obs.handle_readable(fd)
         now = time.monotonic()
         young_due = obs.deadline()
-        young = young_due is not None and now >= young_due and obs.check_young(now)
+        young = young_due is not None and now >= young_due and obs.check_changes(now)
         if young or now >= self.next_sweep:
             full = now >= self.next_full
             c0 = time.thread_time()

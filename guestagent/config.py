@@ -44,7 +44,9 @@ SCHEMA: tuple[KeySpec, ...] = (
             10, 60_000),
     KeySpec("agent", "cpu_budget_percent", "float", 0.4,
             "Sweeps are spaced so that sweeping costs at most this share of one CPU; "
-            "with many threads this stretches the interval beyond sweep_interval_ms.",
+            "with many threads this stretches the interval beyond sweep_interval_ms. "
+            "Where scheduler changes wake the agent (syscall tracepoints), periodic "
+            "sweeps get half of it and the sweeps those changes trigger the other half.",
             0.01, 100),
     KeySpec("agent", "heartbeat_interval_ms", "int", 1000,
             "How often the agent proves to the host that it is alive. The host ends boosts "

@@ -47,11 +47,26 @@ def interest_for(config: Config) -> Callable[[ThreadIdentity], bool] | None:
     return lambda ident: any(r.matches(ident.comm, ident.cgroup, ident.exe) for r in rules)
 
 
-def sweep_interval(cost: float, config: Config) -> float:
-    """Space sweeps so that they stay within the configured share of one CPU."""
+def sweep_interval(cost: float, config: Config, watched: bool) -> float:
+    """Space sweeps so that they stay within the configured share of one CPU.
+
+    With scheduler-change wake-ups the periodic sweep is a backstop (cpuset
+    changes, priority inheritance): it gets half the budget and the sweeps
+    that changes trigger get the other half.
+    """
     floor = config.agent["sweep_interval_ms"] / 1000.0
     budget = config.agent["cpu_budget_percent"] / 100.0
-    return max(floor, cost / budget)
+    return max(floor, cost / (budget / 2 if watched else budget))
+
+
+def _resync(selector: selectors.BaseSelector, registered: set[int], wanted: set[int],
+            what: str) -> set[int]:
+    """Register the fds that appeared and unregister those that went away."""
+    for fd in registered - wanted:
+        selector.unregister(fd)
+    for fd in wanted - registered:
+        selector.register(fd, selectors.EVENT_READ, what)
+    return wanted
 
 
 class Agent:
@@ -64,7 +79,9 @@ class Agent:
         self.started = clock()
         self.notifier = Notifier(environ)
         self.errors: Counter[str] = Counter()
-        self.observer = Observer(interest=interest_for(config))
+        # Snapshots that changes trigger between sweeps: half the sweep budget.
+        self.observer = Observer(interest=interest_for(config),
+                                 change_share=config.agent["cpu_budget_percent"] / 200.0)
         self.snapshot: Snapshot = self.observer.snapshot(self.started)
         self.nr_vcpus = max(self.snapshot.cpus.possible, default=0) + 1
         self.policy_state = PolicyState()
@@ -74,7 +91,7 @@ class Agent:
         self.sweeps = 0
         self.sweep_cost = 0.0
         self.cost_avg = 0.0
-        self.interval = sweep_interval(0.0, config)
+        self.interval = sweep_interval(0.0, config, False)
         self.link: GuestLink | None = None
         self.choice: Choice | None = None
         self.link_error = ""
@@ -157,7 +174,7 @@ class Agent:
         self.cost_avg = (self.sweep_cost if self.sweeps == 1
                          else COST_SMOOTHING * self.sweep_cost
                          + (1 - COST_SMOOTHING) * self.cost_avg)
-        self.interval = sweep_interval(self.cost_avg, self.config)
+        self.interval = sweep_interval(self.cost_avg, self.config, self.observer.changes_watched)
         for line in self.snapshot.notes:
             self.note(line)
         nr = max(self.snapshot.cpus.possible, default=0) + 1
@@ -238,7 +255,8 @@ class Agent:
             "transport": transport, "generation": self.generation,
             "nr_vcpus": self.nr_vcpus, "threads": self.snapshot.nr_threads,
             "threads_of_note": len(self.snapshot.threads),
-            "thread_events": self.observer.thread_mode, "sweeps": self.sweeps,
+            "thread_events": self.observer.thread_mode,
+            "sched_events": self.observer.changes_watched, "sweeps": self.sweeps,
             "sweep_ms": round(self.sweep_cost * 1000, 3),
             "sweep_interval_ms": round(self.interval * 1000, 1),
             "steered_tasks": len(self.steer_state.steered),
@@ -258,6 +276,7 @@ class Agent:
         old = self.config
         self.config = config
         self.observer.set_interest(interest_for(config))
+        self.observer.change_share = config.agent["cpu_budget_percent"] / 200.0
         logging.getLogger().setLevel(config.agent["log_level"].upper())
         if config.control != old.control:
             log.warning("control socket settings change at the next restart")
@@ -299,12 +318,11 @@ class Agent:
         self.relink(now)
         self.sweep(now)
         fixed = {wake.fileno(): "wake", self.control.fileno(): "control"}
-        for fd in self.observer.fds():
-            fixed[fd] = "observer"
         if self.devices is not None:
             fixed[self.devices.fileno()] = "devices"
         for fd, what in fixed.items():
             selector.register(fd, selectors.EVENT_READ, what)
+        observer_fds: set[int] = set()
         link_fd: int | None = None
         next_sweep = now + self.interval
         next_full = now + FULL_INTERVAL
@@ -323,6 +341,7 @@ class Agent:
                 if fd is not None:
                     selector.register(fd, selectors.EVENT_READ, "link")
                 link_fd = fd
+            observer_fds = _resync(selector, observer_fds, set(self.observer.fds()), "observer")
             link_due = self.link.tick(now) if self.link else None
             deadlines = [next_sweep, next_relink, link_due, self.observer.deadline()]
             if self.config.metrics["textfile_dir"]:
@@ -336,11 +355,11 @@ class Agent:
             if self.reload_requested:
                 self.reload_requested = False
                 self.reload(now)
-            young_due = self.observer.deadline()
-            # a young thread that just became real-time: sweep at once, not at next_sweep
-            young = young_due is not None and now >= young_due and \
-                self.observer.check_young(now)
-            if young or now >= next_sweep:
+            due = self.observer.deadline()
+            # a young thread turned real-time, or some thread's scheduling was just
+            # set: sweep at once, not at next_sweep
+            changed = due is not None and now >= due and self.observer.check_changes(now)
+            if changed or now >= next_sweep:
                 full = now >= next_full
                 self.sweep(now, full=full)
                 next_sweep = now + self.interval

@@ -140,14 +140,14 @@ def test_stat_reader_beyond_its_cap_falls_back_to_open_read():
 
 
 def _wait_young(obs: Observer, until: float) -> bool:
-    """Drive the observer as the daemon does until check_young says 'snapshot now'."""
+    """Drive the observer as the daemon does until check_changes says 'snapshot now'."""
     while time.monotonic() < until:
         due = obs.deadline()
         timeout = 0.05 if due is None else max(0.0, min(0.05, due - time.monotonic()))
         for fd in select.select(obs.fds(), [], [], timeout)[0]:
             obs.handle_readable(fd)
         due = obs.deadline()
-        if due is not None and time.monotonic() >= due and obs.check_young(time.monotonic()):
+        if due is not None and time.monotonic() >= due and obs.check_changes(time.monotonic()):
             return True
     return False
 
@@ -204,7 +204,7 @@ def test_young_thread_staying_other_leaves_the_young_set(watching):
 
 def test_young_hit_is_held_back_to_the_cpu_share(watching):
     # pretend a snapshot costs 50 ms and the bucket is empty: the next young one in 1 s
-    watching._cost, watching._young_credit, watching._credit_at = 0.05, 0.0, time.monotonic()
+    watching._cost, watching._change_credit, watching._credit_at = 0.05, 0.0, time.monotonic()
     with starting_thread(os.SCHED_FIFO):
         assert not _wait_young(watching, time.monotonic() + 0.3)
         due = watching.deadline()

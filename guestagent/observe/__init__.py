@@ -11,9 +11,13 @@ re-reads) and reuses the IRQ and CPU tables of the last full snapshot, with
 each IRQ's threads taken from the fresh sweep; ``full=True`` (the default)
 re-reads everything. The daemon takes a full one about once a second.
 
-New threads: the loop also waits for ``deadline()`` and then calls
-``check_young(now)``, which asks threads born in the last ~150 ms for their
-policy; True means one just became real-time, so take a snapshot now.
+Changes between sweeps: the loop also waits for ``deadline()`` and then calls
+``check_changes(now)``; True means take a snapshot now. Two things make it
+True: a thread born in the last ~150 ms that has just become real-time (the
+young re-checks ask them for their policy), and a scheduler-change wake-up
+(``schedwatch.py``: some thread's policy, priority, nice or affinity was
+just set). Either way the extra snapshots are paced by a token bucket, so a
+storm of them cannot make the agent spin.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from guestagent.observe.cpus import CpuState, CpuTable, with_lowprio_threads
 from guestagent.observe.irqs import IrqInfo, IrqTable, with_irq_threads
 from guestagent.observe.kernel import Kernel, LiveKernel, RecordedKernel
 from guestagent.observe.pinned import pinned_critical
+from guestagent.observe.schedwatch import SchedWatch
 from guestagent.observe.threads import (
     Interest,
     ThreadIdentity,
@@ -33,11 +38,11 @@ from guestagent.observe.threads import (
     take_new_notes,
 )
 
-# Extra snapshots that young threads trigger cost at most this share of one CPU on
-# average (a token bucket that holds YOUNG_SWEEP_BURST snapshots), so a lone new RT
-# thread is shown at once but a storm of them cannot make the agent spin.
-YOUNG_SWEEP_SHARE = 0.05
-YOUNG_SWEEP_BURST = 4
+# Extra snapshots that changes trigger cost at most this share of one CPU on
+# average (a token bucket that holds CHANGE_SWEEP_BURST snapshots), so a lone
+# change is shown at once but a storm of them cannot make the agent spin.
+CHANGE_SWEEP_SHARE = 0.05
+CHANGE_SWEEP_BURST = 4
 COST_SMOOTHING = 0.25  # weight of the newest snapshot in the average cost
 
 __all__ = [
@@ -66,8 +71,12 @@ class Observer:
     """
 
     def __init__(self, kernel: Kernel | None = None,
-                 interest: Interest | None = None, watch: bool = True) -> None:
+                 interest: Interest | None = None, watch: bool = True,
+                 change_share: float = CHANGE_SWEEP_SHARE) -> None:
         self.kernel = kernel if kernel is not None else LiveKernel()
+        self._watching = watch
+        self._sched_watch: SchedWatch | None = None
+        self.change_share = change_share
         self._threads = ThreadTable(self.kernel, interest, watch=watch)
         self._irqs = IrqTable(self.kernel)
         try:
@@ -80,9 +89,14 @@ class Observer:
         self._last_at: float | None = None
         self._last_full: Snapshot | None = None
         self._cost = 0.0  # smoothed CPU time of one snapshot, s
-        self._young_hit = False  # a young thread matters; the snapshot is held back
-        self._young_credit = 0.0  # CPU seconds young-triggered snapshots may still spend
+        self._changed = False  # a change is waiting for its snapshot (held back by the bucket)
+        self._change_credit = 0.0  # CPU seconds change-triggered snapshots may still spend
         self._credit_at: float | None = None
+
+    @property
+    def changes_watched(self) -> bool:
+        """True when scheduler-change wake-ups work, so sweeps are only a backstop."""
+        return self._sched_watch is not None
 
     @property
     def thread_mode(self) -> str:
@@ -90,8 +104,10 @@ class Observer:
         return self._threads.mode
 
     def fds(self) -> list[int]:
-        """Readable fds to poll: the proc connector and the udev monitor, when present."""
-        return [fd for fd in (self._threads.fileno(), self._cpus.fileno()) if fd is not None]
+        """Readable fds to poll: the proc connector, the udev monitor and the scheduler
+        watch, when present. The set can change after a snapshot (CPU hotplug)."""
+        fds = [fd for fd in (self._threads.fileno(), self._cpus.fileno()) if fd is not None]
+        return fds + (self._sched_watch.fds() if self._sched_watch else [])
 
     def handle_readable(self, fd: int) -> None:
         """Consume what is queued on ``fd``; never blocks."""
@@ -99,46 +115,63 @@ class Observer:
             self._threads.handle_readable()
         elif fd == self._cpus.fileno():
             self._cpus.handle_readable()
+        elif self._sched_watch is not None and self._sched_watch.drain(fd):
+            self._changed = True
+
+    def _follow_cpus(self, online: frozenset[int]) -> list[str]:
+        """Open the scheduler watch, or reopen it for a new set of online CPUs."""
+        if not self._watching or (self._sched_watch and self._sched_watch.cpus == online):
+            return []
+        if self._sched_watch is not None:
+            self._sched_watch.close()
+            self._sched_watch = None
+        try:
+            self._sched_watch = self.kernel.sched_watch(online)
+        except OSError as err:
+            self._watching = False
+            return [f"scheduler-change events unavailable ({err.strerror or err}): a policy "
+                    "change of a running thread is seen at the next sweep"]
+        return []
 
     def set_interest(self, interest: Interest | None) -> None:
         """Replace the interest predicate (config reload); applied at the next snapshot."""
         self._threads.set_interest(interest)
 
     def deadline(self) -> float | None:
-        """When ``check_young`` is next due (``time.monotonic()`` clock), or None."""
+        """When ``check_changes`` is next due (``time.monotonic()`` clock), or None."""
         due = self._threads.young_deadline()
-        if self._young_hit:
-            held = self._young_release()
+        if self._changed:
+            held = self._release()
             due = held if due is None else min(due, held)
         return due
 
-    def check_young(self, now: float) -> bool:
+    def check_changes(self, now: float) -> bool:
         """Re-check the young threads that are due; True: take a snapshot now.
 
-        A young thread that became real-time is reported at once unless the
-        last snapshot was too recent for ``YOUNG_SWEEP_SHARE``; then it is held
-        and ``deadline()`` says when to come back.
+        A young thread that became real-time, or a scheduler-change wake-up, is
+        reported at once unless the last snapshot was too recent for the
+        change share; then it is held and ``deadline()`` says when to come back.
         """
         if self._threads.check_young(now):
-            self._young_hit = True
-        if self._young_hit and now >= self._young_release():
-            self._young_hit = False
-            self._young_credit = self._credit(now) - self._cost
+            self._changed = True
+        if self._changed and now >= self._release():
+            self._changed = False
+            self._change_credit = self._credit(now) - self._cost
             self._credit_at = now
             return True
         return False
 
     def _credit(self, now: float) -> float:
         if self._credit_at is None:
-            return YOUNG_SWEEP_BURST * self._cost
-        return min(YOUNG_SWEEP_BURST * self._cost,
-                   self._young_credit + YOUNG_SWEEP_SHARE * max(0.0, now - self._credit_at))
+            return CHANGE_SWEEP_BURST * self._cost
+        return min(CHANGE_SWEEP_BURST * self._cost,
+                   self._change_credit + self.change_share * max(0.0, now - self._credit_at))
 
-    def _young_release(self) -> float:
+    def _release(self) -> float:
         """When the bucket holds one snapshot's cost again."""
-        if self._credit_at is None or self._young_credit >= self._cost:
+        if self._credit_at is None or self._change_credit >= self._cost:
             return float("-inf")
-        return self._credit_at + (self._cost - self._young_credit) / YOUNG_SWEEP_SHARE
+        return self._credit_at + (self._cost - self._change_credit) / self.change_share
 
     def snapshot(self, now: float, full: bool = True) -> Snapshot:
         """Sweep; ``full=False`` reuses the IRQ and CPU tables of the last full snapshot."""
@@ -149,6 +182,8 @@ class Observer:
         if full:
             irqs, irq_notes = self._irqs.sweep(now, threads)
             cpus, cpu_notes = self._cpus.sweep(now)
+            cpu_notes = cpu_notes + [("sched-watch", line)
+                                     for line in self._follow_cpus(cpus.online)]
             if last is not None:
                 cpus = with_lowprio_threads(cpus, threads, self._lowprio_ticks,
                                             now - last.taken_at, self.kernel.clock_ticks())
@@ -161,7 +196,7 @@ class Observer:
         if full:
             self._last_full = snap
         self._last_at = now
-        self._young_hit = False  # this snapshot shows them
+        self._changed = False  # this snapshot shows them
         cost = time.thread_time() - started
         self._cost = cost if self._cost == 0.0 else \
             COST_SMOOTHING * cost + (1 - COST_SMOOTHING) * self._cost
@@ -170,6 +205,8 @@ class Observer:
     def close(self) -> None:
         self._threads.close()
         self._cpus.close()
+        if self._sched_watch is not None:
+            self._sched_watch.close()
 
     def __enter__(self) -> Observer:
         return self

@@ -30,6 +30,7 @@ from guestagent.observe.parse import (
     parse_stat,
     parse_status_cpus,
 )
+from guestagent.observe.schedwatch import SchedWatch
 
 GONE = -1  # policy/nice placeholder for a thread that exited mid-sweep
 STAT_FD_CAP = 1024  # stat fds kept open for the threads that matter
@@ -227,6 +228,9 @@ class Kernel:
     def cpu_monitor(self) -> UeventMonitor:
         raise OSError(errno.ENOTSUP, "no udev monitor")
 
+    def sched_watch(self, cpus: frozenset[int]) -> SchedWatch:
+        raise OSError(errno.ENOTSUP, "no scheduler-change events")
+
     def net_links(self) -> list[str]:
         return sorted(self.listdir("/sys/class/net"))
 
@@ -367,6 +371,9 @@ class LiveKernel(Kernel):
 
     def cpu_monitor(self) -> UeventMonitor:
         return UeventMonitor(("cpu",))
+
+    def sched_watch(self, cpus: frozenset[int]) -> SchedWatch:
+        return SchedWatch(cpus)
 
     def clock_ticks(self) -> int:
         return os.sysconf("SC_CLK_TCK")
