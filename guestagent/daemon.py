@@ -89,6 +89,7 @@ class Agent:
         self.decision: Decision | None = None
         self.generation = 0
         self.sweeps = 0
+        self.refreshes = 0  # snapshots from scheduler-change wake-ups, without a sweep
         self.sweep_cost = 0.0
         self.cost_avg = 0.0
         self.interval = sweep_interval(0.0, config, False)
@@ -175,6 +176,18 @@ class Agent:
                          else COST_SMOOTHING * self.sweep_cost
                          + (1 - COST_SMOOTHING) * self.cost_avg)
         self.interval = sweep_interval(self.cost_avg, self.config, self.observer.changes_watched)
+        self.act(now)
+
+    def refresh(self, now: float) -> None:
+        """Act on threads whose scheduling was just set, without a sweep."""
+        snapshot = self.observer.refresh(now)
+        if snapshot is not None:
+            self.snapshot = snapshot
+            self.refreshes += 1
+            self.act(now)
+
+    def act(self, now: float) -> None:
+        """Decide, publish and steer from the current snapshot."""
         for line in self.snapshot.notes:
             self.note(line)
         nr = max(self.snapshot.cpus.possible, default=0) + 1
@@ -257,6 +270,7 @@ class Agent:
             "threads_of_note": len(self.snapshot.threads),
             "thread_events": self.observer.thread_mode,
             "sched_events": self.observer.changes_watched, "sweeps": self.sweeps,
+            "refreshes": self.refreshes,
             "sweep_ms": round(self.sweep_cost * 1000, 3),
             "sweep_interval_ms": round(self.interval * 1000, 1),
             "steered_tasks": len(self.steer_state.steered),
@@ -352,6 +366,7 @@ class Agent:
             for key, _ in selector.select(timeout):
                 self._dispatch(key.data, key.fd)
             now = self.clock()
+            self.refresh(now)
             if self.reload_requested:
                 self.reload_requested = False
                 self.reload(now)

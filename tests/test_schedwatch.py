@@ -1,4 +1,4 @@
-"""Scheduler-change wake-ups from syscall tracepoints, with real syscalls."""
+"""Scheduler-change wake-ups and their target threads, from real syscalls."""
 
 from __future__ import annotations
 
@@ -24,26 +24,35 @@ def tracefs():
 @pytest.fixture
 def watch(tracefs):
     w = SchedWatch(os.sched_getaffinity(0))
-    drain_all(w)
+    w.read()
     yield w
     w.close()
 
 
-def drain_all(w: SchedWatch) -> bool:
-    return any([w.drain(fd) for fd in w.fds()])
+class Sleeper:
+    """A thread that waits, for other threads to change."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.stop.wait, daemon=True)
+        self.thread.start()
+        self.tid = self.thread.native_id
+
+    def end(self) -> None:
+        self.stop.set()
+        self.thread.join()
 
 
-def woken_by(w: SchedWatch, action, timeout: float = 2.0) -> float | None:
-    """Run `action` in a thread; seconds until a ring buffer became readable, or None."""
-    drain_all(w)
+def changes_after(w: SchedWatch, action, timeout: float = 2.0):
+    """Run `action` in a fresh thread; (its tid, seconds to the wake-up or None, changes)."""
+    w.read()
     poller = select.poll()
     for fd in w.fds():
         poller.register(fd, select.POLLIN)
-    done = threading.Event()
-    started = []
+    done, info = threading.Event(), {}
 
     def body():
-        started.append(time.monotonic())
+        info["tid"], info["at"] = threading.get_native_id(), time.monotonic()
         action()
         done.wait(5)
 
@@ -51,35 +60,76 @@ def woken_by(w: SchedWatch, action, timeout: float = 2.0) -> float | None:
     t.start()
     ready = poller.poll(timeout * 1000)
     woke = time.monotonic()
+    time.sleep(0.05)  # let every CPU's ring take its records
+    changes = w.read()
     done.set()
     t.join()
-    if not ready:
-        return None
-    assert any(w.drain(fd) for fd, _ in ready)
-    return woke - started[0]
+    return info["tid"], (woke - info["at"]) if ready else None, changes
 
 
 @pytest.mark.parametrize("action", [
     lambda: os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(3)),
     lambda: os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0)),
-    lambda: os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 5),
+    lambda: os.setpriority(os.PRIO_PROCESS, 0, 5),
     lambda: os.sched_setaffinity(0, {0}),
     lambda: os.sched_setparam(0, os.sched_param(0)),
 ], ids=["fifo", "batch", "nice", "affinity", "setparam"])
-def test_a_scheduling_change_wakes_the_watch(watch, action):
-    latency = woken_by(watch, action)
-    assert latency is not None, "no wake-up"
-    assert latency < 1.0
+def test_a_thread_changing_itself_is_named(watch, action):
+    tid, latency, changes = changes_after(watch, action)
+    assert latency is not None and latency < 1.0, "no wake-up"
+    assert tid in changes.tids and not changes.everything
+
+
+def test_the_target_is_named_not_the_caller(watch):
+    target = Sleeper()
+    try:
+        caller, _, changes = changes_after(
+            watch, lambda: os.sched_setscheduler(target.tid, os.SCHED_RR, os.sched_param(2)))
+        assert target.tid in changes.tids and caller not in changes.tids
+        _, _, changes = changes_after(
+            watch, lambda: os.setpriority(os.PRIO_PROCESS, target.tid, 3))
+        assert target.tid in changes.tids
+    finally:
+        target.end()
+
+
+def test_a_process_group_change_asks_for_a_sweep(watch):
+    pgrp = os.getpgrp()
+    nice = os.getpriority(os.PRIO_PGRP, pgrp)
+    _, _, changes = changes_after(watch, lambda: os.setpriority(os.PRIO_PGRP, pgrp, nice))
+    assert changes.everything
 
 
 def test_unrelated_syscalls_do_not_wake_it(watch):
-    assert woken_by(watch, lambda: os.getpriority(os.PRIO_PROCESS, 0), timeout=0.3) is None
+    _, latency, changes = changes_after(
+        watch, lambda: os.getpriority(os.PRIO_PROCESS, 0), timeout=0.3)
+    assert latency is None
 
 
-def test_draining_an_idle_ring_reports_nothing(watch):
-    assert not drain_all(watch)
+def test_nothing_changed_reads_empty(watch):
+    changes = watch.read()
+    assert not changes.tids and not changes.everything
 
 
 def test_without_tracefs_it_says_what_is_missing():
     with pytest.raises(OSError, match="is tracefs mounted"):
         SchedWatch({0}, roots=["/nonexistent"])
+
+
+def test_records_wrapping_the_ring_end_parse(watch):
+    """Batches of changes, each most of a ring, so later ones wrap around its end."""
+    me = threading.get_native_id()
+    for _ in range(3):
+        for _ in range(200):  # 400 samples of 48 or 64 bytes: about 22 KiB of 32
+            os.setpriority(os.PRIO_PROCESS, me, 0)
+        time.sleep(0.05)
+        changes = watch.read()
+        assert me in changes.tids and not changes.everything
+
+
+def test_a_flood_beyond_the_ring_asks_for_a_sweep(watch):
+    me = threading.get_native_id()
+    for _ in range(2000):
+        os.setpriority(os.PRIO_PROCESS, me, 0)
+    time.sleep(0.05)
+    assert watch.read().everything

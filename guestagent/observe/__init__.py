@@ -43,6 +43,7 @@ from guestagent.observe.threads import (
 # change is shown at once but a storm of them cannot make the agent spin.
 CHANGE_SWEEP_SHARE = 0.05
 CHANGE_SWEEP_BURST = 4
+MAX_TARGETS = 512  # more threads changed at once than this: a sweep is cheaper
 COST_SMOOTHING = 0.25  # weight of the newest snapshot in the average cost
 
 __all__ = [
@@ -90,6 +91,7 @@ class Observer:
         self._last_full: Snapshot | None = None
         self._cost = 0.0  # smoothed CPU time of one snapshot, s
         self._changed = False  # a change is waiting for its snapshot (held back by the bucket)
+        self._targets: set[int] = set()  # threads whose scheduling was just set
         self._change_credit = 0.0  # CPU seconds change-triggered snapshots may still spend
         self._credit_at: float | None = None
 
@@ -115,8 +117,28 @@ class Observer:
             self._threads.handle_readable()
         elif fd == self._cpus.fileno():
             self._cpus.handle_readable()
-        elif self._sched_watch is not None and self._sched_watch.drain(fd):
-            self._changed = True
+        elif self._sched_watch is not None and fd in self._sched_watch.fds():
+            changes = self._sched_watch.read()
+            self._targets |= changes.tids
+            if changes.everything or len(self._targets) > MAX_TARGETS:
+                self._changed = True
+                self._targets.clear()
+
+    def refresh(self, now: float) -> Snapshot | None:
+        """A snapshot with just the threads whose scheduling was set re-read, when
+        any of them changed; None otherwise. Costs microseconds per thread, so it
+        needs no pacing: call it after every round of ``handle_readable``."""
+        last = self._last_full
+        if not self._targets or last is None:
+            return None
+        if self._threads.fileno() is not None:
+            self._threads.handle_readable()  # a thread born just now must be known first
+        threads, changed = self._threads.refresh(self._targets)
+        self._targets.clear()
+        if not changed:
+            return None
+        return Snapshot(now, threads, len(self._threads), with_irq_threads(last.irqs, threads),
+                        last.cpus, ())
 
     def _follow_cpus(self, online: frozenset[int]) -> list[str]:
         """Open the scheduler watch, or reopen it for a new set of online CPUs."""

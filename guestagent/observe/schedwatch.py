@@ -1,16 +1,18 @@
-"""A wake-up when any thread's scheduling settings change, from syscall tracepoints.
+"""Which threads just had their scheduling changed, from syscall tracepoints.
 
 Nothing in /proc or the proc connector says that a thread called
 sched_setscheduler(2); without this, only the next sweep notices. With it, the
-exit of the syscalls that change a policy, priority, nice level or affinity
-wakes the agent within milliseconds, and periodic sweeps become a backstop.
+agent learns within milliseconds which threads' policy, priority, nice level
+or affinity was set, re-reads just those, and periodic sweeps become a
+backstop.
 
-One perf event per tracepoint and online CPU (system-wide events are per CPU),
-all of a CPU's events feeding one small ring buffer, so there is one fd per
-CPU to poll. The samples carry nothing the agent reads: the ring buffer only
-exists because poll() needs one; draining means moving its tail to its head.
-Needs CAP_PERFMON (or CAP_SYS_ADMIN) and tracefs; where either is missing,
-``SchedWatch.open`` raises OSError and the agent says so once.
+Per CPU (system-wide perf events are per CPU), one small ring buffer takes
+two kinds of samples: the *entry* of each watched syscall, whose raw
+arguments name the target thread, and its *exit*, which wakes the poller once
+the new settings are in place. Needs CAP_PERFMON (or CAP_SYS_ADMIN) and
+tracefs; where either is missing, ``SchedWatch`` raises OSError and the agent
+says so once. Everything read from the ring is bounded and checked: a record
+that does not parse means "something changed, sweep".
 """
 
 from __future__ import annotations
@@ -20,17 +22,21 @@ import errno
 import fcntl
 import mmap
 import os
+import re
 import struct
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 TRACEFS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
-# The exits, not the entries: at syscall exit the new settings are in place.
-TRACEPOINTS = ("sys_exit_sched_setscheduler", "sys_exit_sched_setattr",
-               "sys_exit_sched_setparam", "sys_exit_setpriority",
-               "sys_exit_sched_setaffinity")
+# syscall -> the argument naming the target thread (0 means the caller)
+WATCHED = {"sched_setscheduler": "pid", "sched_setattr": "pid", "sched_setparam": "pid",
+           "sched_setaffinity": "pid", "setpriority": "who"}
+PRIO_PROCESS = 0  # setpriority's `which` for one thread; groups and users need a sweep
 _NR_PERF_EVENT_OPEN = {"x86_64": 298, "aarch64": 241, "ppc64le": 319, "s390x": 331,
                        "riscv64": 241}
 PERF_TYPE_TRACEPOINT = 2
+PERF_SAMPLE_TID, PERF_SAMPLE_RAW = 1 << 1, 1 << 10
+PERF_RECORD_LOST, PERF_RECORD_SAMPLE = 2, 9
 PERF_FLAG_FD_CLOEXEC = 1 << 3
 PERF_EVENT_IOC_SET_OUTPUT = 0x2405
 # perf_event_attr, PERF_ATTR_SIZE_VER0 (64 bytes): type, size, config,
@@ -38,20 +44,48 @@ PERF_EVENT_IOC_SET_OUTPUT = 0x2405
 _ATTR = struct.Struct("=IIQQQQQIIQ")
 _DATA_HEAD, _DATA_TAIL = 1024, 1032  # offsets in struct perf_event_mmap_page
 _U64 = struct.Struct("=Q")
+_HEADER = struct.Struct("=IHH")  # perf_event_header: type, misc, size
+_SAMPLE = struct.Struct("=IiI")  # pid, tid, raw size (PERF_SAMPLE_TID | PERF_SAMPLE_RAW)
+DATA_PAGES = 8  # per CPU: 32 KiB, about 250 watched syscalls between two drains
+RING_SLACK = 256  # a ring filled to within this many bytes may have lost samples
 
 
-def tracepoint_id(name: str, roots: Iterable[str] = TRACEFS) -> int:
+@dataclass(frozen=True)
+class Tracepoint:
+    id: int
+    offsets: dict  # field name -> byte offset in the raw record
+
+
+def read_tracepoint(name: str, roots: Iterable[str] = TRACEFS) -> Tracepoint:
+    """A syscalls/<name> tracepoint's id and field offsets, from tracefs."""
     for root in roots:
         try:
             with open(f"{root}/events/syscalls/{name}/id") as f:
-                return int(f.read())
+                tp_id = int(f.read())
+            with open(f"{root}/events/syscalls/{name}/format") as f:
+                fmt = f.read()
         except (OSError, ValueError):
             continue
+        offsets = {m.group(1): int(m.group(2)) for m in
+                   re.finditer(r"field:[^;]*?(\w+);\s*offset:(\d+);", fmt)}
+        return Tracepoint(tp_id, offsets)
     raise OSError(errno.ENOENT, f"tracepoint syscalls/{name} not found (is tracefs mounted?)")
 
 
+@dataclass(frozen=True)
+class Changes:
+    tids: frozenset[int]  # threads whose scheduling was set
+    everything: bool  # some change could not be pinned to threads: sweep them all
+
+
+def _int_arg(raw: bytes, offset: int) -> int:
+    """A syscall argument (stored as unsigned long) read back as a C int."""
+    value = _U64.unpack_from(raw, offset)[0] & 0xFFFFFFFF
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
 class SchedWatch:
-    """Per-CPU ring buffers that become readable when a watched syscall returns."""
+    """Per-CPU ring buffers of watched syscalls; readable once one has returned."""
 
     def __init__(self, cpus: Iterable[int], roots: Iterable[str] = TRACEFS) -> None:
         nr = _NR_PERF_EVENT_OPEN.get(os.uname().machine)
@@ -59,26 +93,40 @@ class SchedWatch:
             raise OSError(errno.ENOSYS, "perf_event_open: unknown syscall number on this arch")
         self._libc = ctypes.CDLL(None, use_errno=True)
         self._nr = nr
-        ids = [tracepoint_id(name, roots) for name in TRACEPOINTS]
+        # entry tracepoint id -> (offset of the target argument, offset of `which` or -1)
+        self._entries: dict[int, tuple[int, int]] = {}
+        exits = []
+        for call, arg in WATCHED.items():
+            enter = read_tracepoint(f"sys_enter_{call}", roots)
+            self._entries[enter.id] = (enter.offsets[arg], enter.offsets.get("which", -1))
+            exits.append(read_tracepoint(f"sys_exit_{call}", roots).id)
         self.cpus = frozenset(cpus)
         self._fds: list[int] = []
         self._rings: dict[int, mmap.mmap] = {}  # leader fd -> its ring buffer
+        self._size = DATA_PAGES * mmap.PAGESIZE
         try:
             for cpu in sorted(self.cpus):
-                leader = self._open(ids[0], cpu)
-                self._rings[leader] = mmap.mmap(leader, 2 * mmap.PAGESIZE, mmap.MAP_SHARED,
-                                                mmap.PROT_READ | mmap.PROT_WRITE)
-                for config in ids[1:]:
-                    fcntl.ioctl(self._open(config, cpu), PERF_EVENT_IOC_SET_OUTPUT, leader)
+                leader = None
+                # exits wake the poller at every sample; entries only fill the ring
+                for config, wake in [(e, 0) for e in self._entries] + [(x, 1) for x in exits]:
+                    fd = self._open(config, cpu, wake)
+                    if leader is None:
+                        leader = fd
+                        self._rings[fd] = mmap.mmap(fd, mmap.PAGESIZE + self._size,
+                                                    mmap.MAP_SHARED,
+                                                    mmap.PROT_READ | mmap.PROT_WRITE)
+                    else:
+                        fcntl.ioctl(fd, PERF_EVENT_IOC_SET_OUTPUT, leader)
         except BaseException:
             self.close()
             raise
         self.wakeups = 0
+        self.lost = 0
 
-    def _open(self, config: int, cpu: int) -> int:
-        # sample every event, wake the poller at every sample; enabled at once
-        attr = ctypes.create_string_buffer(_ATTR.pack(PERF_TYPE_TRACEPOINT, _ATTR.size, config,
-                                                      1, 0, 0, 0, 1, 0, 0), _ATTR.size)
+    def _open(self, config: int, cpu: int, wakeup_events: int) -> int:
+        attr = ctypes.create_string_buffer(_ATTR.pack(
+            PERF_TYPE_TRACEPOINT, _ATTR.size, config, 1, PERF_SAMPLE_TID | PERF_SAMPLE_RAW,
+            0, 0, wakeup_events, 0, 0), _ATTR.size)
         fd = self._libc.syscall(self._nr, attr, -1, cpu, -1, PERF_FLAG_FD_CLOEXEC)
         if fd < 0:
             err = ctypes.get_errno()
@@ -89,17 +137,71 @@ class SchedWatch:
     def fds(self) -> list[int]:
         return list(self._rings)
 
-    def drain(self, fd: int) -> bool:
-        """Mark a ring buffer read; True when something had changed since the last drain."""
-        ring = self._rings.get(fd)
-        if ring is None:
-            return False
+    def read(self) -> Changes:
+        """What changed since the last read, from every CPU's ring; empties them."""
+        tids: set[int] = set()
+        everything = False
+        for ring in self._rings.values():
+            everything |= self._read_ring(ring, tids)
+        if tids or everything:
+            self.wakeups += 1
+        return Changes(frozenset(tids), everything)
+
+    def _read_ring(self, ring: mmap.mmap, tids: set[int]) -> bool:
         head = _U64.unpack_from(ring, _DATA_HEAD)[0]
-        if head == _U64.unpack_from(ring, _DATA_TAIL)[0]:
-            return False
+        tail = _U64.unpack_from(ring, _DATA_TAIL)[0]
+        # A full ring may have dropped samples; the kernel reports them (a LOST
+        # record) only once it has room again, so judge by the fill level now.
+        everything = head - tail > self._size - RING_SLACK
+        while tail < head and not everything:
+            record = self._record(ring, tail, head)
+            if record is None:
+                everything = True
+                break
+            kind, body = record
+            tail += _HEADER.size + len(body)
+            if kind == PERF_RECORD_LOST:
+                self.lost += 1
+                everything = True
+            elif kind == PERF_RECORD_SAMPLE:
+                everything |= self._sample(body, tids)
         _U64.pack_into(ring, _DATA_TAIL, head)
-        self.wakeups += 1
-        return True
+        return everything
+
+    def _record(self, ring: mmap.mmap, tail: int, head: int) -> tuple[int, bytes] | None:
+        """The record at `tail` (it may wrap around the end of the data area)."""
+        header = self._copy(ring, tail, _HEADER.size)
+        kind, _, size = _HEADER.unpack(header)
+        if size < _HEADER.size or size % 8 or tail + size > head:
+            return None
+        return kind, self._copy(ring, tail + _HEADER.size, size - _HEADER.size)
+
+    def _copy(self, ring: mmap.mmap, pos: int, length: int) -> bytes:
+        start = mmap.PAGESIZE + pos % self._size
+        first = min(length, mmap.PAGESIZE + self._size - start)
+        return ring[start:start + first] + ring[mmap.PAGESIZE:mmap.PAGESIZE + length - first]
+
+    def _sample(self, body: bytes, tids: set[int]) -> bool:
+        """Add a sample's target thread to `tids`; True when it names no single thread."""
+        if len(body) < _SAMPLE.size:
+            return True
+        _, tid, raw_size = _SAMPLE.unpack_from(body)
+        raw = body[_SAMPLE.size:_SAMPLE.size + raw_size]
+        if len(raw) < 2:
+            return True
+        entry = self._entries.get(int.from_bytes(raw[:2], "little"))
+        if entry is None:
+            return False  # an exit: its entry, in this ring or another, names the target
+        target_at, which_at = entry
+        if len(raw) < max(target_at, which_at) + 8:
+            return True
+        if which_at >= 0 and _int_arg(raw, which_at) != PRIO_PROCESS:
+            return True  # a process group or a user: many threads
+        target = _int_arg(raw, target_at)
+        if target < 0:
+            return True
+        tids.add(target or tid)
+        return False
 
     def close(self) -> None:
         for ring in self._rings.values():

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import errno
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import compress
 from typing import Callable
@@ -368,6 +369,23 @@ class ThreadTable:
         if full:
             self._stat.keep_only(self._info)
         return tuple(self._info[t] for t in sorted(self._info)), self._take_notes()
+
+    def refresh(self, tids: Iterable[int]) -> tuple[tuple[ThreadInfo, ...], bool]:
+        """Re-read just these threads (their scheduling was just set).
+
+        Returns the threads that matter, as ``sweep`` does, and whether any of
+        the given threads changed. Threads not in the table yet are left to
+        the young re-checks and the next sweep.
+        """
+        unknown_policies: set[int] = set()
+        changed = False
+        for tid in tids:
+            if tid not in self._known:
+                continue
+            before = self._info.get(tid)
+            self._read_detail(tid, unknown_policies, None)
+            changed = changed or self._info.get(tid) != before
+        return tuple(self._info[t] for t in sorted(self._info)), changed
 
     def _verify(self, checks: list[tuple[int, ThreadInfo]], unknown_policies: set[int]) -> None:
         """Keep a detail whose nice and rt priority are unchanged; re-read it otherwise."""
