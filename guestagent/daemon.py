@@ -95,7 +95,6 @@ class Agent:
         self.interval = sweep_interval(0.0, config, False)
         self.link: GuestLink | None = None
         self.choice: Choice | None = None
-        self.link_error = ""
         self.stopping = False
         self.reload_requested = False
         self._said: set[str] = set()
@@ -126,8 +125,7 @@ class Agent:
         """Move to the best transport present; keep the current one if it is the best."""
         choices = available(self.config.transport)
         current = self.choice
-        if current is not None and current in choices and (
-                not choices or RANK[choices[0].kind] >= RANK[current.kind]):
+        if current in choices and RANK[choices[0].kind] >= RANK[current.kind]:
             return
         for choice in choices:
             if current is not None and choice == current:
@@ -146,9 +144,9 @@ class Agent:
             if self.decision is not None:
                 link.publish(self.decision.hints, self.generation, now)
             return
-        if current is None and not self.link_error:
-            self.link_error = "no transport available"
-            log.error("no transport available (mode %s)", self.config.transport["mode"])
+        if current is None:
+            self.note(f"no transport available (mode {self.config.transport['mode']})",
+                      logging.ERROR)
 
     def drop_link(self, now: float) -> None:
         if self.link is None:

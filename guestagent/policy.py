@@ -26,7 +26,6 @@ from guestagent.protocol.model import (
 )
 
 RT_CLASSES = (SchedClass.FIFO, SchedClass.RR, SchedClass.DEADLINE)
-LOW_CLASSES = (SchedClass.BATCH, SchedClass.IDLE)
 CRITICAL_GROUP = 1  # the co-location group of vCPUs carrying critical work
 # A vCPU counts as running only low-priority work when at least this share of
 # its busy time went to niced, SCHED_BATCH or SCHED_IDLE work...
@@ -104,10 +103,14 @@ def strength(hint: VcpuHint) -> tuple[int, int]:
     return (2, -hint.nice)
 
 
+def boost_strength(cls: SchedClass, rt_priority: int, nice: int) -> tuple[int, int]:
+    """How much a boost to this class, priority or nice asks for (see ``strength``)."""
+    return strength(VcpuHint(vcpu=0, request=Request.BOOST, sched_class=cls,
+                             rt_priority=rt_priority, nice=nice))
+
+
 def _need_strength(need: Need) -> tuple[int, int]:
-    return strength(VcpuHint(vcpu=need.vcpu, request=Request.BOOST,
-                             sched_class=need.sched_class, rt_priority=need.rt_priority,
-                             nice=need.nice))
+    return boost_strength(need.sched_class, need.rt_priority, need.nice)
 
 
 def _matching_rule(rules: Iterable[Rule], thread) -> Rule | None:
@@ -149,7 +152,10 @@ def thread_needs(snapshot, config: Config) -> list[Need]:
         rule = _matching_rule(config.rules, thread)
         if rule is not None:
             cls, prio, nice = rule.sched_class, rule.priority, rule.nice
-            if thread.policy in RT_CLASSES and _rt_key(thread) > (cls, prio):
+            if cls is SchedClass.DEADLINE:
+                prio = RT_PRIORITY_MAX  # as for DEADLINE threads: above every RT task
+            if thread.policy in RT_CLASSES and boost_strength(
+                    thread.policy, _rt_prio(thread), 0) > boost_strength(cls, prio, nice):
                 cls, prio = thread.policy, _rt_prio(thread)
             flags = HintFlag.LATENCY_SLEEPER if rule.sleeper else HintFlag.NONE
             label = f"rule {rule.name}: {_describe(thread)}"
@@ -173,10 +179,6 @@ def thread_needs(snapshot, config: Config) -> list[Need]:
 def _rt_prio(thread) -> int:
     # DEADLINE tasks preempt every RT task in the guest: ask for the top.
     return RT_PRIORITY_MAX if thread.policy is SchedClass.DEADLINE else thread.rt_priority
-
-
-def _rt_key(thread) -> tuple[int, int]:
-    return (4 if thread.policy is SchedClass.DEADLINE else 3, _rt_prio(thread))
 
 
 def irq_is_critical(irq, config: Config) -> str | None:
@@ -223,7 +225,7 @@ def irq_needs(snapshot, config: Config) -> list[Need]:
 def _lowprio_threads(snapshot) -> dict[int, list[str]]:
     out: dict[int, list[str]] = {}
     for thread in snapshot.threads:
-        if thread.policy in LOW_CLASSES or thread.nice > 0:
+        if thread.is_lowprio:
             out.setdefault(thread.last_cpu, []).append(_describe(thread))
     return out
 

@@ -144,6 +144,15 @@ def test_rule_never_lowers_a_threads_own_rt_priority():
     assert h[0].rt_priority == 60
 
 
+def test_rule_asking_more_than_the_thread_has_wins():
+    config = parse_config(b"[[rule]]\nname='a'\ncomm='x'\nsched='fifo'\npriority=90\n")
+    h = hints_of(snap([thread(1, FIFO, 60, cpus=(0,), comm="x")]), config)
+    assert (h[0].sched_class, h[0].rt_priority) == (FIFO, 90)
+    dl = parse_config(b"[[rule]]\nname='a'\ncomm='x'\nsched='deadline'\n")
+    h = hints_of(snap([thread(1, RR, 95, cpus=(0,), comm="x")]), dl)
+    assert (h[0].sched_class, h[0].rt_priority) == (DL, 99), "DEADLINE outranks any RT"
+
+
 def test_unboost_when_only_low_priority_work_runs():
     batch = thread(30, BATCH, cpus=(0, 1), last=1)
     s = snap([batch], cpu_state=cpus(busy={0: 0.5, 1: 0.9}, lowprio={0: 0.1, 1: 0.88}))
