@@ -37,7 +37,8 @@ def test_guest_hints_over_channel_boost_then_revert_when_guest_goes_quiet(standi
                    "min_change_interval = 0\ncapacity_period = 0.2\n")
     peer = subprocess.Popen(
         [sys.executable, "-m", "guestagent.host.cli", "run", "--qmp", standin.qmp,
-         "--channel", chan, "--listen", "--config", str(cfg), "--status-socket", status],
+         "--channel", chan, "--listen", "--config", str(cfg), "--status-socket", status,
+         "--state-dir", str(tmp_path / "state")],
         stderr=subprocess.PIPE, text=True)
     t0 = standin.tids[0]
     try:

@@ -219,7 +219,7 @@ def test_cli_run_status_and_sigterm(standin, tmp_path):
     sock = str(tmp_path / "status.sock")
     peer = subprocess.Popen(
         [sys.executable, "-m", "guestagent.host.cli", "run", "--qmp", standin.qmp,
-         "--status-socket", sock, "--contend", "1=100"],
+         "--status-socket", sock, "--contend", "1=100", "--state-dir", str(tmp_path / "state")],
         stderr=subprocess.PIPE, text=True)
     try:
         for _ in range(100):

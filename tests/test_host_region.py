@@ -32,13 +32,14 @@ def standin(tmp_path):
 
 
 def start_peer(standin, tmp_path, region):
-    status = str(tmp_path / "status.sock")
+    status, state = str(tmp_path / "status.sock"), str(tmp_path / "state")
     cfg = tmp_path / "host.toml"
     cfg.write_text(f"heartbeat_period = {PERIOD}\nmax_rt_priority = 40\n"
                    "min_change_interval = 0\ncapacity_period = 0.2\n")
     peer = subprocess.Popen(
         [sys.executable, "-m", "guestagent.host.cli", "run", "--qmp", standin.qmp,
-         "--region", region, "--config", str(cfg), "--status-socket", status],
+         "--region", region, "--config", str(cfg), "--status-socket", status,
+         "--state-dir", state],
         stderr=subprocess.PIPE, text=True)
     return peer, status
 

@@ -2,7 +2,9 @@
 
 Originals are read for every vCPU thread at attach, before any change, and
 every thread changed is put back on restore_all(). Before each change the
-thread is checked to still be the same thread of the same QEMU process.
+thread is checked to still be the same thread of the same QEMU process, and
+before the first change of a thread its original is recorded in the VM's state
+file (an UndoJournal), so a peer killed with SIGKILL can still be undone.
 """
 
 from __future__ import annotations
@@ -10,11 +12,15 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from guestagent.errors import GuestagentError
 from guestagent.host.discovery import VcpuThread, thread_start_time
 from guestagent.host.settings import POLICY_MASK, ThreadSettings
+from guestagent.host.undo import ProcessId
+
+if TYPE_CHECKING:  # statefile imports this module for read/write_settings
+    from guestagent.host.statefile import UndoJournal
 
 Log = Callable[[str], None]
 
@@ -41,10 +47,12 @@ def write_settings(tid: int, old: ThreadSettings, new: ThreadSettings) -> None:
 class ThreadApplier:
     """Owns the scheduler state of one VM's vCPU threads while the peer runs."""
 
-    def __init__(self, pid: int, threads: Sequence[VcpuThread], dry_run: bool, log: Log) -> None:
+    def __init__(self, pid: int, threads: Sequence[VcpuThread], dry_run: bool, log: Log,
+                 journal: UndoJournal | None = None) -> None:
         self.pid = pid
         self.dry_run = dry_run
         self._log = log
+        self._journal = journal
         self._threads = {t.vcpu: t for t in threads}
         self.originals: dict[int, ThreadSettings] = {}
         for t in threads:
@@ -81,6 +89,8 @@ class ThreadApplier:
             self._log(f"dry run: vCPU {vcpu} (tid {tid}): would set {settings.describe()}")
             self.current[vcpu] = settings
             return settings
+        if not self._recorded(vcpu):
+            return None
         try:
             write_settings(tid, old, settings)
             self.changed.add(vcpu)
@@ -106,6 +116,20 @@ class ThreadApplier:
         self.current[vcpu] = got
         return got
 
+    def _recorded(self, vcpu: int) -> bool:
+        """The thread's original is on disk (or no journal is kept); never change it before."""
+        if self._journal is None or vcpu in self._journal.recorded():
+            return True
+        t = self._threads[vcpu]
+        try:
+            self._journal.record_thread(vcpu, ProcessId(t.tid, t.start_time),
+                                        self.originals[vcpu])
+        except OSError as err:
+            self._log(f"vCPU {vcpu} (tid {t.tid}): cannot record its original settings in "
+                      f"{self._journal.path}: {err.strerror or err}; not changing it")
+            return False
+        return True
+
     def restore_all(self) -> None:
         """Put every thread this peer changed back as it was; quiet about vanished ones."""
         for vcpu in sorted(self.changed):
@@ -123,5 +147,13 @@ class ThreadApplier:
                 self._log(f"vCPU {vcpu} (tid {tid}): cannot restore {original.describe()}: "
                           f"{err.strerror or err}")
         self.changed = {v for v in self.changed if self.current[v] != self.originals[v]}
+        if self._journal is not None and not self.changed:
+            self._discard_journal()
         if self.dry_run:
             self.current = dict(self.originals)
+
+    def _discard_journal(self) -> None:
+        try:
+            self._journal.discard()
+        except OSError as err:  # harmless: restoring originals again changes nothing
+            self._log(f"cannot remove {self._journal.path}: {err.strerror or err}")

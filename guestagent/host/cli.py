@@ -1,4 +1,5 @@
-"""The `guestagent-host` command line: run the peer beside one VM, or show its status."""
+"""The `guestagent-host` command line: run the peer beside one VM, show its status, or
+restore what a killed peer left boosted."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from guestagent.cli import dispatch
 from guestagent.errors import GuestagentError
 from guestagent.host.status import DEFAULT_STATUS_SOCKET
 from guestagent.protocol.model import CAPACITY_MAX
+
+DEFAULT_STATE_DIR = "/run/guestagent-host"  # state files of the peers, one per VM
 
 CONTEND_DEFAULT = 0  # a vCPU named by --contend alone is reported as fully contended
 
@@ -58,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="log what would change; touch no thread")
     run.add_argument("--status-socket", metavar="PATH", default=DEFAULT_STATUS_SOCKET,
                      help=f"where `status` finds this peer (default {DEFAULT_STATUS_SOCKET})")
+    run.add_argument("--state-dir", metavar="DIR", default=DEFAULT_STATE_DIR,
+                     help="where the originals of changed threads are recorded, so they can "
+                          f"be restored after a crash (default {DEFAULT_STATE_DIR})")
     run.add_argument("--contend", metavar="VCPU[=CAPACITY]", type=_contend, action="append",
                      default=[], help="report VCPU's capacity as CAPACITY (default "
                                       f"{CONTEND_DEFAULT}) whatever the host load; repeatable")
@@ -71,6 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--status-socket", metavar="PATH", default=DEFAULT_STATUS_SOCKET,
                         help=f"the peer's status socket (default {DEFAULT_STATUS_SOCKET})")
     status.set_defaults(func=cmd_status)
+
+    restore = sub.add_parser("restore", help="undo what a killed or crashed peer left applied",
+                             description="Put every vCPU thread named in a state file a dead "
+                                         "peer left behind back to its recorded settings, "
+                                         "then remove the file. Files of running peers are "
+                                         "left alone; a file that fails any check is refused "
+                                         "and kept.")
+    restore.add_argument("--state-dir", metavar="DIR", default=DEFAULT_STATE_DIR,
+                         help=f"the peers' state directory (default {DEFAULT_STATE_DIR})")
+    restore.add_argument("--dry-run", action="store_true",
+                         help="print what would be restored; touch no thread, keep the files")
+    restore.set_defaults(func=cmd_restore)
     return parser
 
 
@@ -79,6 +97,12 @@ def _log_to_stderr(verbose: bool):
         if verbose or not msg.startswith("vCPU ") or "cannot" in msg or "asked" in msg:
             print(f"guestagent-host: {msg}", file=sys.stderr, flush=True)
     return log
+
+
+def _require_root(dry_run: bool) -> None:
+    if not dry_run and os.geteuid() != 0:
+        raise GuestagentError("changing another process's scheduling needs root "
+                              "(or CAP_SYS_NICE); use --dry-run to only log")
 
 
 def open_link(args: argparse.Namespace, heartbeat_period: float):
@@ -99,14 +123,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     limits = load_limits(args.config)
     if args.contend:
         limits = replace(limits, contend={**limits.contend, **dict(args.contend)})
-    if not args.dry_run and os.geteuid() != 0:
-        raise GuestagentError("changing another process's scheduling needs root "
-                              "(or CAP_SYS_NICE); use --dry-run to only log")
+    _require_root(args.dry_run)
     log = _log_to_stderr(args.verbose or args.dry_run)
     pid, threads = discover(args.qmp, args.pid)
     pin_cpus = limits.pin_cpus if limits.pin_cpus is not None else frozenset(
         os.sched_getaffinity(0))
-    applier = ThreadApplier(pid, threads, args.dry_run, log)
+    # First undo what a killed peer left, so the originals read next are the real ones.
+    journal = restore_before_attach(args.state_dir, pid, args.dry_run, log)
+    applier = ThreadApplier(pid, threads, args.dry_run, log, journal)
     log(f"attached to QEMU pid {pid}: " + ", ".join(
         f"vCPU {t.vcpu} tid {t.tid}" for t in threads))
     status = listen(args.status_socket) if args.status_socket else None
@@ -122,6 +146,58 @@ def cmd_run(args: argparse.Namespace) -> int:
                 os.unlink(args.status_socket)
             except OSError:
                 pass
+
+
+def restore_before_attach(state_dir: str, pid: int, dry_run: bool, log):
+    """Apply leftover state files; the journal this peer will keep (None in a dry run).
+
+    Refuses to attach while this VM's own state file could not be applied: the
+    threads may still carry a dead peer's boost, which must not pass for original."""
+    from guestagent.host.statefile import (
+        RESTORED,
+        UndoJournal,
+        ensure_state_dir,
+        process_id,
+        restore_leftovers,
+    )
+
+    qemu, me = process_id(pid), process_id(os.getpid())
+    if qemu is None or me is None:
+        raise GuestagentError(f"QEMU pid {pid} exited")
+    if not dry_run:
+        ensure_state_dir(state_dir)
+    try:
+        outcomes = restore_leftovers(state_dir, dry_run)
+    except GuestagentError as err:
+        if not dry_run:
+            raise
+        log(f"dry run: {err}")  # say, run as a user who may not read root's state files
+        return None
+    for outcome in outcomes:
+        for line in outcome.lines:
+            log(line)
+    stuck = [o for o in outcomes if o.qemu == qemu and o.result != RESTORED]
+    if dry_run:
+        return None
+    if stuck:
+        raise GuestagentError(f"{stuck[0].path} ({stuck[0].result}): this VM's threads may "
+                              "still carry another peer's changes; resolve it first")
+    return UndoJournal(state_dir, qemu, me)
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from guestagent.host.statefile import INCOMPLETE, REFUSED, restore_leftovers
+
+    _require_root(args.dry_run)
+    outcomes = restore_leftovers(args.state_dir, args.dry_run)
+    for outcome in outcomes:
+        bad = outcome.result in (REFUSED, INCOMPLETE)
+        for line in outcome.lines:
+            print(f"guestagent-host: {line}" if bad else line,
+                  file=sys.stderr if bad else sys.stdout)
+    if not outcomes:
+        print(f"no state files in {args.state_dir}")
+    return 1 if any(o.result in (REFUSED, INCOMPLETE) for o in outcomes) else 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
