@@ -286,7 +286,8 @@ def test_unit_is_notify_watchdog_and_hardened():
     assert s["EnvironmentFile"] == ["-/etc/default/guestagent"]
     assert s["WatchdogSec"] and s["RuntimeDirectory"] == ["guestagent"]
     assert set(s["CapabilityBoundingSet"][0].split()) == {
-        "CAP_NET_ADMIN", "CAP_SYS_NICE", "CAP_SYS_ADMIN"}
+        "CAP_NET_ADMIN", "CAP_SYS_NICE", "CAP_SYS_ADMIN", "CAP_PERFMON"}
+    assert "perf_event_open" in s["SystemCallFilter"]
     assert s["RestrictAddressFamilies"] == ["AF_UNIX AF_NETLINK"]
     for key in ("NoNewPrivileges", "ProtectHome", "PrivateTmp"):
         assert s[key] == ["yes"], key
