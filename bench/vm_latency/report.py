@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 
 from .cyclictest import Histogram, Summary
@@ -96,5 +97,6 @@ def write_png(path: str, hists: Mapping[str, Mapping[str, Histogram]], title: st
         ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -226,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated subset of idle,hogs,agent (default: all)")
     parser.add_argument("--hist-us", type=int, default=20000,
                         help="histogram range in µs; above it counts as overflow")
-    parser.add_argument("--png", default="vm_latency.png", help="where to write the plot")
+    parser.add_argument("--png", default="bench/out/vm_latency.png",
+                        help="where to write the plot (default bench/out/vm_latency.png)")
     args = parser.parse_args(argv)
     if args.seconds < 1:
         parser.error("--seconds must be at least 1")
