@@ -40,6 +40,14 @@ from guestagent.protocol.negotiation import negotiate
 T = TypeVar("T")
 
 
+def _complete(entries, nr_vcpus: int, default) -> tuple:
+    """A full per-vCPU table: the entries given, the default for vCPUs not listed."""
+    table = [default(vcpu=i) for i in range(nr_vcpus)]
+    for entry in entries:
+        table[entry.vcpu] = entry
+    return tuple(table)
+
+
 @dataclass(frozen=True)
 class BadLine:
     """A line was dropped (malformed, invalid or oversized); the stream goes on."""
@@ -191,10 +199,7 @@ class GuestConnection(_Connection):
                                        msg.capacities)
             if table is None:
                 return []
-            caps = [VcpuCapacity(vcpu=i) for i in range(msg.nr_vcpus)]
-            for cap in table:
-                caps[cap.vcpu] = cap
-            return [Capacity(msg.seq, tuple(caps))]
+            return [Capacity(msg.seq, _complete(table, msg.nr_vcpus, VcpuCapacity))]
         if isinstance(msg, (Ack, Heartbeat, Error)):
             return [msg]
         self.counters.unknown += 1  # a host-only message sent to us
@@ -233,10 +238,7 @@ class HostConnection(_Connection):
                                     msg.hints)
             if table is None:
                 return []
-            hints = [VcpuHint(vcpu=i) for i in range(msg.nr_vcpus)]
-            for hint in table:
-                hints[hint.vcpu] = hint
-            return [Hints(msg.generation, tuple(hints))]
+            return [Hints(msg.generation, _complete(table, msg.nr_vcpus, VcpuHint))]
         if isinstance(msg, (Heartbeat, Error)):
             return [msg]
         self.counters.unknown += 1

@@ -180,6 +180,17 @@ class _ChannelEnd:
         self._watch.forget()
         self._on_down()
 
+    def _connect_socket(self, now: float) -> None:
+        """Connect to the peer's unix socket, or count the failure and back off."""
+        try:
+            sock = stream.connect_unix(self.path)
+        except OSError as err:
+            self._io_errors += 1
+            self._reason = f"cannot connect to {self.path}: {err.strerror or err}"
+            self._retry_at = now + self._backoff.next()
+            return
+        self._connected(sock.fileno(), sock, now)
+
     def _lost(self, now: float, reason: str) -> None:
         self._reason = reason
         self._drop()
@@ -250,14 +261,7 @@ class ChannelGuestLink(_ChannelEnd):
                 return
             self._connected(self._fd, None, now)
         elif self._is_socket:
-            try:
-                sock = stream.connect_unix(self.path)
-            except OSError as err:
-                self._io_errors += 1
-                self._reason = f"cannot connect to {self.path}: {err.strerror or err}"
-                self._retry_at = now + self._backoff.next()
-                return
-            self._connected(sock.fileno(), sock, now)
+            self._connect_socket(now)
         elif self._fd is None:
             try:
                 self._open_port(now)
@@ -371,14 +375,7 @@ class ChannelHostLink(_ChannelEnd):
     def _reopen(self, now: float) -> None:
         if self._listener is not None:
             return  # the next connection arrives on the listener
-        try:
-            sock = stream.connect_unix(self.path)
-        except OSError as err:
-            self._io_errors += 1
-            self._reason = f"cannot connect to {self.path}: {err.strerror or err}"
-            self._retry_at = now + self._backoff.next()
-            return
-        self._connected(sock.fileno(), sock, now)
+        self._connect_socket(now)
 
     def _lost(self, now: float, reason: str) -> None:
         super()._lost(now, reason)
