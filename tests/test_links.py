@@ -331,3 +331,16 @@ def test_region_host_waits_for_a_missing_region(region_path):
     run([host], 0.1)
     assert host.view().link == "down" and "cannot open" in host.view().reason
     host.close()
+
+
+def test_host_never_writes_into_a_region_no_guest_formatted(tmp_path):
+    path = tmp_path / "region"
+    path.write_bytes(bytes(65536))
+    host = RegionHostLink(str(path), heartbeat_period=0.01)
+    try:
+        for step in range(20):
+            host.tick(step * 0.02)
+        assert path.read_bytes() == bytes(65536)
+        assert host.view().link != "up"
+    finally:
+        host.close()

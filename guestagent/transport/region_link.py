@@ -257,7 +257,8 @@ class RegionHostLink:
         self._poll_guest(now)
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self._period
-            self._write_control(heartbeat=self._ctl.heartbeat + 1)
+            if self._ctl.guest_epoch:  # never write into a region no guest has formatted
+                self._write_control(heartbeat=self._ctl.heartbeat + 1)
         return min(now + self._poll, self._next_heartbeat)
 
     def _poll_guest(self, now: float) -> None:
