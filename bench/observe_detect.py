@@ -43,7 +43,6 @@ from guestagent.protocol.model import SchedClass  # noqa: E402
 TARGETS_MS = {1000: 50.0, 10000: 200.0}
 TARGET_CPU = 0.005
 FULL_INTERVAL = 1.0  # as the daemon
-COST_SMOOTHING = 0.25
 
 
 def trigger_process(cmd_r: int, out_w: int) -> None:
@@ -91,7 +90,6 @@ class AgentLoop:
         obs.snapshot(now)
         self.fds = obs.fds() + [extra_fd]
         self.extra_fd = extra_fd
-        self.cost_avg = 0.0
         self.interval = floor
         self.next_sweep, self.next_full = now + floor, now + FULL_INTERVAL
         self.first_seen: dict[int, float] = {}  # FIFO tid -> end of the first snapshot showing it
@@ -121,9 +119,7 @@ class AgentLoop:
             run.young_sweeps += young
             run.young_cpu += cost if young else 0.0
             run.full_sweeps += full
-            self.cost_avg = cost if run.sweeps == 1 else \
-                COST_SMOOTHING * cost + (1 - COST_SMOOTHING) * self.cost_avg
-            self.interval = max(self.floor, self.cost_avg / self.budget)
+            self.interval = max(self.floor, obs.cost / self.budget)  # as the daemon paces
             self.next_sweep = now + self.interval
             if full:
                 self.next_full = now + FULL_INTERVAL

@@ -33,7 +33,6 @@ from guestagent.uplink import RANK, Choice, available, open_link
 
 RELINK_INTERVAL = 10.0  # how often to look for a better transport without a uevent
 STOP_FLUSH = 0.5  # how long a stopping agent keeps trying to deliver its last words
-COST_SMOOTHING = 0.25  # weight of the newest sweep in the average sweep cost
 FULL_INTERVAL = 1.0  # IRQ and CPU tables and every thread detail: re-read this often
 
 log = logging.getLogger("guestagent")
@@ -91,7 +90,6 @@ class Agent:
         self.sweeps = 0
         self.refreshes = 0  # snapshots from scheduler-change wake-ups, without a sweep
         self.sweep_cost = 0.0
-        self.cost_avg = 0.0
         self.interval = sweep_interval(0.0, config, False)
         self.link: GuestLink | None = None
         self.choice: Choice | None = None
@@ -168,12 +166,10 @@ class Agent:
         self.snapshot = self.observer.snapshot(now, full=full)
         self.sweep_cost = time.thread_time() - started
         self.sweeps += 1
-        # Smoothed, so that one slow sweep (a burst of new processes, a busy
-        # host) does not stall detection for long.
-        self.cost_avg = (self.sweep_cost if self.sweeps == 1
-                         else COST_SMOOTHING * self.sweep_cost
-                         + (1 - COST_SMOOTHING) * self.cost_avg)
-        self.interval = sweep_interval(self.cost_avg, self.config, self.observer.changes_watched)
+        # The observer's smoothed cost, so that one slow sweep (a burst of new
+        # processes, a busy host) does not stall detection for long.
+        self.interval = sweep_interval(self.observer.cost, self.config,
+                                       self.observer.changes_watched)
         self.act(now)
 
     def refresh(self, now: float) -> None:

@@ -96,6 +96,11 @@ class Observer:
         self._credit_at: float | None = None
 
     @property
+    def cost(self) -> float:
+        """Smoothed CPU time of one snapshot, in seconds (0 before the first)."""
+        return self._cost
+
+    @property
     def changes_watched(self) -> bool:
         """True when scheduler-change wake-ups work, so sweeps are only a backstop."""
         return self._sched_watch is not None
