@@ -87,13 +87,16 @@ def status_text(data: dict) -> str:
         ("transport", f"{t['kind'] or 'none'} {t['target'] or ''}".strip()),
         ("link", t["link"] + (f" ({t['reason']})" if t.get("reason") else "")),
         ("host", f"{t.get('host_state', 'unknown')}"
-         + (f", heard {heard:.1f} s ago" if heard is not None else "")),
+         + (f", heard {heard:.1f} s ago"
+            if heard is not None and t.get("host_state") != "absent" else "")),
         ("hints", f"generation {data['generation']}, acked "
          f"{t.get('acked_generation', 0)}, {data['nr_vcpus']} vCPUs"),
         ("threads", f"{data['threads']} known, {data['threads_of_note']} of note, "
          f"via {data['thread_events']}"),
         ("sweeps", f"{data['sweeps']}, last {data['sweep_ms']:.2f} ms, every "
          f"{data['sweep_interval_ms']:.0f} ms"),
+        ("changes", (f"scheduler wake-ups on, {data['refreshes']} refreshes"
+                     if data["sched_events"] else "scheduler wake-ups off: sweeps only")),
         ("steered", str(data["steered_tasks"])),
         ("errors", ", ".join(f"{k} {v}" for k, v in sorted(data["errors"].items())) or "none"),
     ]
