@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from guestagent.errors import ConfigError
+from guestagent.observe.parse import systemd_unit
 from guestagent.protocol.model import NICE_MAX, NICE_MIN, RT_PRIORITY_MAX, SchedClass
 
 if sys.version_info >= (3, 11):
@@ -162,7 +163,7 @@ class Rule:
     def matches(self, comm: str, cgroup: str, exe: str) -> bool:
         """True when every pattern the rule sets matches (an unread field never matches)."""
         checks = ((self.comm, comm), (self.cgroup, cgroup), (self.exe, exe),
-                  (self.unit, unit_of_cgroup(cgroup)))
+                  (self.unit, systemd_unit(cgroup)))
         return all(fnmatch.fnmatchcase(value, pattern) for pattern, value in checks if pattern)
 
 
@@ -200,14 +201,6 @@ class Config:
     @property
     def metrics(self) -> Mapping[str, Any]:
         return self.values["metrics"]
-
-
-def unit_of_cgroup(cgroup: str) -> str:
-    """The innermost systemd unit in a cgroup path ("" when none)."""
-    for part in reversed(cgroup.split("/")):
-        if part.endswith((".service", ".scope", ".slice")):
-            return part
-    return ""
 
 
 def sections() -> tuple[str, ...]:

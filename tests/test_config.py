@@ -11,9 +11,9 @@ from guestagent.config import (
     parse_config,
     render_config,
     render_default_toml,
-    unit_of_cgroup,
 )
 from guestagent.errors import ConfigError
+from guestagent.observe.parse import systemd_unit
 from guestagent.protocol.model import SchedClass
 
 
@@ -85,10 +85,12 @@ nice = -5
     assert game.sched_class is SchedClass.OTHER and game.nice == -5
 
 
-def test_unit_of_cgroup():
-    assert unit_of_cgroup("/system.slice/ssh.service") == "ssh.service"
-    assert unit_of_cgroup("/user.slice/user-0.slice/session-3.scope") == "session-3.scope"
-    assert unit_of_cgroup("/") == ""
+def test_rules_use_the_unit_the_cli_shows():
+    assert systemd_unit("/system.slice/ssh.service") == "ssh.service"
+    assert systemd_unit("/user.slice/user-0.slice/session-3.scope") == "session-3.scope"
+    assert systemd_unit("/") == ""
+    rule = parse_config(b"[[rule]]\nname='a'\nunit='user@1000.service'\n").rules[0]
+    assert rule.matches("x", "/user.slice/user-1000.slice/user@1000.service/app.slice", "")
 
 
 def test_dump_round_trips():
