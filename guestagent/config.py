@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -165,6 +165,15 @@ class Rule:
         checks = ((self.comm, comm), (self.cgroup, cgroup), (self.exe, exe),
                   (self.unit, systemd_unit(cgroup)))
         return all(fnmatch.fnmatchcase(value, pattern) for pattern, value in checks if pattern)
+
+
+def first_rule(rules: Iterable[Rule], task) -> Rule | None:
+    """The first rule, in config order, that matches a task (anything with comm,
+    cgroup and exe: a ThreadInfo or a ThreadIdentity); it alone names the task."""
+    for rule in rules:
+        if rule.matches(task.comm, task.cgroup, task.exe):
+            return rule
+    return None
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 
 from guestagent import __version__, metrics
-from guestagent.config import Config, load_config
+from guestagent.config import Config, first_rule, load_config
 from guestagent.control import ControlServer, Peer
 from guestagent.errors import GuestagentError
 from guestagent.observe import Observer, Snapshot, ThreadIdentity
@@ -43,7 +43,7 @@ def interest_for(config: Config) -> Callable[[ThreadIdentity], bool] | None:
     rules = config.rules
     if not rules:
         return None
-    return lambda ident: any(r.matches(ident.comm, ident.cgroup, ident.exe) for r in rules)
+    return lambda ident: first_rule(rules, ident) is not None
 
 
 def sweep_interval(cost: float, config: Config, watched: bool) -> float:

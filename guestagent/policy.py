@@ -13,10 +13,10 @@ Two stages:
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from guestagent.config import Config, Rule
+from guestagent.config import Config, first_rule
 from guestagent.protocol.model import (
     RT_PRIORITY_MAX,
     HintFlag,
@@ -113,13 +113,6 @@ def _need_strength(need: Need) -> tuple[int, int]:
     return boost_strength(need.sched_class, need.rt_priority, need.nice)
 
 
-def _matching_rule(rules: Iterable[Rule], thread) -> Rule | None:
-    for rule in rules:
-        if rule.matches(thread.comm, thread.cgroup, thread.exe):
-            return rule
-    return None
-
-
 def _placement(thread, online: frozenset[int], floating: str) -> tuple[tuple[int, ...], bool]:
     """The vCPUs a thread's need lands on, and whether it is pinned to exactly one."""
     allowed = thread.affinity & online
@@ -149,7 +142,7 @@ def thread_needs(snapshot, config: Config) -> list[Need]:
     for thread in snapshot.threads:
         if thread.is_kthread:
             continue
-        rule = _matching_rule(config.rules, thread)
+        rule = first_rule(config.rules, thread)
         if rule is not None:
             cls, prio, nice = rule.sched_class, rule.priority, rule.nice
             if cls is SchedClass.DEADLINE:

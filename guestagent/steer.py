@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from guestagent.config import Config, Rule
+from guestagent.config import Config, Rule, first_rule
 from guestagent.protocol.model import CAPACITY_MAX
 
 
@@ -66,13 +66,6 @@ def best_cpus(allowed: frozenset[int], capacity: Mapping[int, int],
     return frozenset(c for c in allowed if capacity.get(c, 0) >= top - hysteresis)
 
 
-def _steer_rule(rules, thread) -> Rule | None:
-    for rule in rules:
-        if rule.matches(thread.comm, thread.cgroup, thread.exe):
-            return rule if rule.steer else None
-    return None
-
-
 def plan(snapshot, config: Config, capacity: Mapping[int, int] | None,
          state: SteerState, now: float) -> tuple[list[Move], SteerState]:
     """The affinity changes to make now, and the state after they are made.
@@ -93,7 +86,9 @@ def plan(snapshot, config: Config, capacity: Mapping[int, int] | None,
         record = state.steered.get(thread.tid)
         if record is not None and thread.affinity != record.applied:
             record = None  # changed behind our back: the new affinity is the task's own
-        rule = _steer_rule(config.rules, thread) if steering["enabled"] else None
+        rule = first_rule(config.rules, thread) if steering["enabled"] else None
+        if rule is not None and not rule.steer:
+            rule = None
         if rule is None:
             if record is not None:  # steering ended for it (config reload): put it back
                 moves.append(Move(thread.tid, thread.comm, record.original,
