@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:  # the harness lives in the test tree
+if str(REPO_ROOT) not in sys.path:  # run as a script: testbed/ sits at the root
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench.vm_latency.cyclictest import (  # noqa: E402
@@ -30,7 +30,7 @@ from bench.vm_latency.cyclictest import (  # noqa: E402
     summarize,
 )
 from bench.vm_latency.report import MODES, ratios, table, write_png  # noqa: E402
-from tests.vm.harness import GuestConfig, GuestVM, missing_components  # noqa: E402
+from testbed.vm import GuestConfig, GuestVM, missing_components  # noqa: E402
 
 GUEST_PRIORITY = 95
 # The host peer grants at most FIFO 40 by default (guestagent/host/config.py), so a host

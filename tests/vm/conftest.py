@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from .harness import GuestConfig, GuestVM, missing_components
+from testbed.vm import GuestConfig, GuestVM, missing_components
 
 
 def require_vm() -> None:

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from .harness import REPO_ROOT
+from testbed.vm import REPO_ROOT
 
 if str(REPO_ROOT) not in sys.path:  # `pytest` (unlike `python3 -m pytest`) omits the cwd
     sys.path.insert(0, str(REPO_ROOT))

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import pytest
 
-from .harness import HINTS_PORT, GuestVM, SchedState, VMError, sched_state
+from testbed.vm import HINTS_PORT, GuestVM, SchedState, VMError, sched_state
 
 pytestmark = pytest.mark.vm
 

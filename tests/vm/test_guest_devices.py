@@ -17,7 +17,7 @@ import uuid
 import pytest
 
 from .conftest import require_vm
-from .harness import (
+from testbed.vm import (
     CTL_PORT,
     HINTS_PORT,
     GuestConfig,

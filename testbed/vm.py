@@ -37,7 +37,7 @@ HINTS_PORT = "org.guestagent.hints.0"
 CTL_PORT = "org.guestagent.test.ctl"
 IVSHMEM_PCI_ID = ("0x1af4", "0x1110")
 GUEST_CTL = Path(__file__).with_name("guest_ctl.py")
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 class VMError(Exception):
