@@ -26,7 +26,8 @@ import enum
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-EMULATOR = -1  # the thread index that names a VM's emulator (main-loop) thread
+from guestagent.host.undo import EMULATOR  # the thread index of a VM's main-loop thread
+
 NS = 1_000_000_000
 
 

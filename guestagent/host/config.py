@@ -114,8 +114,10 @@ def _line_of(text: str, key: str) -> int:
     return text.count("\n", 0, match.start()) + 1 if match else 1
 
 
-def parse_limits(text: str, path: str = "<config>") -> HostLimits:
-    """Parse a host config file's text; errors name path:line."""
+def parse_limits(text: str, path: str = "<config>",
+                 tables: frozenset[str] = frozenset()) -> HostLimits:
+    """Parse a host config file's text; errors name path:line. Keys in `tables` belong
+    to another reader (the service's [host] table) and are skipped here."""
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
@@ -127,6 +129,8 @@ def parse_limits(text: str, path: str = "<config>") -> HostLimits:
         raise ConfigError(f"{path}:{line}: {msg}") from None
     values = {}
     for key, raw in doc.items():
+        if key in tables:
+            continue
         try:
             if key not in KEYS:
                 raise ValueError("unknown key")
