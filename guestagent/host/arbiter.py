@@ -74,6 +74,7 @@ class Verdict(str, enum.Enum):
     HOST_CAP = "host cap"
     VM_SHARE = "VM share"
     NO_VCPU = "no vCPU boosted"  # emulator: none of its VM's vCPUs holds a boost
+    RT_TRAP = "RT cgroup trap"  # its cgroup has no RT runtime: the kernel refuses FIFO
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-v", "--verbose", action="store_true", help="log every change")
     run.set_defaults(func=cmd_run)
 
+    serve = sub.add_parser(
+        "serve", help="serve every VM on the host (libvirt and drop-ins) under one arbiter",
+        description="Find every VM: libvirt domains from libvirt's status files, plain QEMU "
+                    "VMs from drop-in files (/etc/guestagent-host/vms.d/NAME.toml). Serve each "
+                    "that has a hints channel or region; list the others. Host-wide caps and "
+                    "boost budgets hold across VMs. On exit every changed thread and cgroup is "
+                    "restored; SIGHUP rescans.")
+    serve.add_argument("--config", metavar="FILE",
+                       help="per-VM limits and a [host] table (TOML); defaults if omitted")
+    serve.add_argument("--dry-run", action="store_true",
+                       help="log what would change; touch no thread or cgroup")
+    serve.add_argument("--status-socket", metavar="PATH", default=DEFAULT_STATUS_SOCKET,
+                       help=f"where `status` finds the service (default {DEFAULT_STATUS_SOCKET})")
+    serve.add_argument("--state-dir", metavar="DIR", default=DEFAULT_STATE_DIR,
+                       help="where originals of changed threads and cgroups are recorded "
+                            f"(default {DEFAULT_STATE_DIR})")
+    serve.add_argument("-v", "--verbose", action="store_true", help="log every change")
+    serve.set_defaults(func=cmd_serve)
+
     status = sub.add_parser("status", help="show a running peer's per-vCPU state",
                             description="Per vCPU: the guest's hint, the policy applied, the "
                                         "physical CPU, the capacity published, lease state.")
@@ -206,9 +225,22 @@ def cmd_status(args: argparse.Namespace) -> int:
     doc = fetch(args.status_socket)
     if args.json:
         print(json.dumps(doc, indent=2, sort_keys=True))
+    elif doc.get("service"):
+        from guestagent.host.serve import format_service
+        print(format_service(doc))
     else:
         print(format_status(doc))
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from guestagent.host.serve import ServeOptions, serve
+    from guestagent.host.serviceconfig import load_service
+
+    settings = load_service(args.config)
+    _require_root(args.dry_run)
+    return serve(ServeOptions(settings, args.state_dir, args.status_socket, args.dry_run,
+                              args.verbose), restore_before_attach)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
