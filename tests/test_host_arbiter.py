@@ -89,9 +89,10 @@ def test_emulator_rides_with_a_vcpu_inside_the_caps():
     lim = ArbiterLimits(per_cpu=1, host=2, per_vm=1)
     arb = arbitrate([req("a", EMULATOR), req("a", 0), req("b", 0), req("b", EMULATOR)],
                     (), {}, {}, CPUS, lim, 0.0)
-    # vCPUs first: a0, b0 take the host's two slots; emulators find the cap full.
-    assert granted(arb) == [ThreadKey("a", 0), ThreadKey("b", 0)]
-    assert arb.verdicts[ThreadKey("a", EMULATOR)] == Verdict.HOST_CAP
+    # The emulator right behind its VM's first vCPU: a0 and a's emulator fill the host.
+    assert granted(arb) == [ThreadKey("a", EMULATOR), ThreadKey("a", 0)]
+    assert arb.verdicts[ThreadKey("b", 0)] == Verdict.HOST_CAP
+    assert arb.verdicts[ThreadKey("b", EMULATOR)] == Verdict.NO_VCPU
     arb = arbitrate([req("a", EMULATOR), req("a", 0)], (), {}, {}, CPUS, lim, 0.0)
     assert granted(arb) == [ThreadKey("a", EMULATOR), ThreadKey("a", 0)]
     arb = arbitrate([req("a", EMULATOR)], (), {}, {}, CPUS, lim, 0.0)

@@ -15,8 +15,9 @@ decided here, over every VM's requests at once:
 
 Grants held stay ahead of new requests (no VM can take a slot by asking louder),
 then higher RT priority first. A VM's emulator (main-loop) thread is a companion:
-admitted only together with one of its VM's vCPUs, inside the same caps and its
-own budget. Nothing here reads a clock or the kernel: run times and `now` are
+admitted right behind its VM's first granted vCPU (under TCG a vCPU boosted
+without the main loop gains nothing), inside the same caps and its own budget,
+and not counted in the VM's share. Nothing here reads a clock or the kernel: run times and `now` are
 passed in.
 """
 
@@ -193,24 +194,35 @@ def arbitrate(requests: Sequence[BoostRequest], held: Iterable[ThreadKey],
     per_vm: dict[str, int] = {}
     total = 0
     vcpus = sorted((r for r in asked.values() if r.key.index != EMULATOR), key=order)
-    emulators = sorted((r for r in asked.values() if r.key.index == EMULATOR), key=order)
-    for r in vcpus + emulators:
+    emulators = {r.key.vm: r for r in asked.values() if r.key.index == EMULATOR}
+
+    def admit(r: BoostRequest) -> Verdict:
         key = r.key
         if accounted[key].spent:
-            verdicts[key] = Verdict.SPENT
-        elif key.index == EMULATOR and not per_vm.get(key.vm):
-            verdicts[key] = Verdict.NO_VCPU
-        elif key.index != EMULATOR and per_vm.get(key.vm, 0) >= limits.per_vm:
-            verdicts[key] = Verdict.VM_SHARE
-        elif total >= limits.host:
-            verdicts[key] = Verdict.HOST_CAP
-        elif not placement.try_add(key, r.cpus):
-            verdicts[key] = Verdict.CPU_CAP
-        else:
-            verdicts[key] = Verdict.GRANTED
-            total += 1
-            if key.index != EMULATOR:
-                per_vm[key.vm] = per_vm.get(key.vm, 0) + 1
+            return Verdict.SPENT
+        if key.index != EMULATOR and per_vm.get(key.vm, 0) >= limits.per_vm:
+            return Verdict.VM_SHARE
+        if total >= limits.host:
+            return Verdict.HOST_CAP
+        if not placement.try_add(key, r.cpus):
+            return Verdict.CPU_CAP
+        return Verdict.GRANTED
+
+    for r in vcpus:
+        verdicts[r.key] = admit(r)
+        if verdicts[r.key] != Verdict.GRANTED:
+            continue
+        total += 1
+        per_vm[r.key.vm] = per_vm.get(r.key.vm, 0) + 1
+        emu = emulators.get(r.key.vm)
+        if emu is not None and emu.key not in verdicts:
+            # Right behind its VM's first vCPU: under TCG a vCPU boosted without the main
+            # loop buys nothing, so the pair goes ahead of other VMs' vCPUs.
+            verdicts[emu.key] = admit(emu)
+            total += verdicts[emu.key] == Verdict.GRANTED
+    for emu in emulators.values():
+        if emu.key not in verdicts:
+            verdicts[emu.key] = Verdict.SPENT if accounted[emu.key].spent else Verdict.NO_VCPU
 
     out: dict[ThreadKey, Budget] = {}
     deadlines: list[float] = []
