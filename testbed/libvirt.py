@@ -230,22 +230,21 @@ def domain_xml(name: str, kernel: str, initrd: str, init: str, ctl_socket: str,
                channel: str | None, shmem: str | None, console: str,
                vcpus: int = 2, memory_mib: int = 512) -> str:
     devices = [
-        "<serial type='file'><source path=%s/><target port='0'/></serial>" % quoteattr(console),
-        "<console type='file'><source path=%s/><target type='serial' port='0'/></console>"
-        % quoteattr(console),
+        f"<serial type='file'><source path={quoteattr(console)}/><target port='0'/></serial>",
+        f"<console type='file'><source path={quoteattr(console)}/>"
+        "<target type='serial' port='0'/></console>",
         "<filesystem type='mount' accessmode='passthrough' multidevs='remap'>"
         "<driver type='path'/><source dir='/'/><target dir='/dev/root'/><readonly/>"
         "</filesystem>",
-        "<channel type='unix'><source mode='bind' path=%s/><target type='virtio' name=%s/>"
-        "</channel>" % (quoteattr(ctl_socket), quoteattr(CTL_PORT)),
+        f"<channel type='unix'><source mode='bind' path={quoteattr(ctl_socket)}/>"
+        f"<target type='virtio' name={quoteattr(CTL_PORT)}/></channel>",
     ]
     if channel is not None:
-        devices.append("<channel type='unix'><source mode='bind' path=%s/>"
-                       "<target type='virtio' name=%s/></channel>"
-                       % (quoteattr(channel), quoteattr(HINTS_PORT)))
+        devices.append(f"<channel type='unix'><source mode='bind' path={quoteattr(channel)}/>"
+                       f"<target type='virtio' name={quoteattr(HINTS_PORT)}/></channel>")
     if shmem is not None:
-        devices.append("<shmem name=%s><model type='ivshmem-plain'/><size unit='M'>1</size>"
-                       "</shmem>" % quoteattr(shmem))
+        devices.append(f"<shmem name={quoteattr(shmem)}><model type='ivshmem-plain'/>"
+                       "<size unit='M'>1</size></shmem>")
     cmdline = f"console=ttyS0 panic=-1 quiet init={init} virtme_root_mods=1"
     return f"""<domain type='qemu'>
   <name>{name}</name>
