@@ -10,6 +10,7 @@ drop-ins).
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import signal
 import time
@@ -105,7 +106,10 @@ def find_vms(settings: ServiceSettings) -> tuple[dict[str, VmDescription], tuple
     for result in (libvirt.scan(settings.libvirt_status_dir), dropins.scan(settings.dropin_dir)):
         errors += result.errors
         for vm in result.vms:
-            found[vm.name] = vm
+            if vm.name.startswith("dropin:") or any(
+                    fnmatch.fnmatchcase(vm.name.split(":", 1)[1], p)
+                    for p in settings.libvirt_domains):
+                found[vm.name] = vm
     return found, tuple(errors)
 
 

@@ -9,6 +9,7 @@
     rt_cgroup_budget_us = 0      # RT runtime to hand down cgroup chains; 0: never touch them
     rt_cgroup_per_thread_us = 50000
     libvirt_status_dir = "/run/libvirt/qemu"
+    libvirt_domains = ["*"]      # shell patterns of the libvirt domain names to serve
     dropin_dir = "/etc/guestagent-host/vms.d"
     metrics_textfile = ""        # e.g. /var/lib/prometheus/node-exporter/guestagent-host.prom
     rescan_period = 2.0          # seconds between rescans when inotify cannot tell
@@ -45,6 +46,7 @@ class ServiceSettings:
     rt_cgroup_budget_us: int = 0
     rt_cgroup_per_thread_us: int = 50_000
     libvirt_status_dir: str = STATUS_DIR
+    libvirt_domains: tuple[str, ...] = ("*",)
     dropin_dir: str = DROPIN_DIR
     metrics_textfile: str = ""
     rescan_period: float = 2.0
@@ -74,6 +76,12 @@ def _path(v: Any, empty_ok: bool = False) -> str:
     return v
 
 
+def _patterns(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(p, str) and p for p in v):
+        raise ValueError("must be a list of domain name patterns")
+    return tuple(v)
+
+
 def _emulator(v: Any) -> str:
     if v not in EMULATOR_POLICIES:
         raise ValueError('must be "follow", "never" or "always"')
@@ -90,6 +98,7 @@ CHECKS = {
     "rt_cgroup_per_thread_us": ("service", "rt_cgroup_per_thread_us",
                                 lambda v: _int(v, 1, 10**7)),
     "libvirt_status_dir": ("service", "libvirt_status_dir", _path),
+    "libvirt_domains": ("service", "libvirt_domains", _patterns),
     "dropin_dir": ("service", "dropin_dir", _path),
     "metrics_textfile": ("service", "metrics_textfile", lambda v: _path(v, empty_ok=True)),
     "rescan_period": ("service", "rescan_period", lambda v: _seconds(v, 0.1, 3600)),
