@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from guestagent.errors import ConfigError
-from guestagent.observe.parse import systemd_unit
+from guestagent.linux.procfs import systemd_unit
 from guestagent.protocol.model import SchedClass
 from guestagent.sched import NICE_MAX, NICE_MIN, POLICY_BY_NAME, RT_PRIORITY_MAX
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from guestagent.observe.parse import format_cpulist
+from guestagent.linux.procfs import format_cpulist
 from guestagent.sched import POLICY_MASK, POLICY_NAMES
 from guestagent.sched import PRIORITY_POLICIES as RT_POLICIES
 
