@@ -77,7 +77,7 @@ def _print(data: dict, as_json: bool, render) -> None:
 
 
 def status_text(data: dict) -> str:
-    from guestagent.agent.report import table
+    from guestagent.display import escape, table
 
     t = data["transport"]
     heard = t.get("host_heard_s")
@@ -100,9 +100,9 @@ def status_text(data: dict) -> str:
         ("steered", str(data["steered_tasks"])),
         ("errors", ", ".join(f"{k} {v}" for k, v in sorted(data["errors"].items())) or "none"),
     ]
-    text = table(("", ""), rows).split("\n", 1)[1]
+    text = table(None, rows)
     if data["notes"]:
-        text += "\nnotes:\n" + "\n".join(f"  {n}" for n in data["notes"])
+        text += "\nnotes:\n" + "\n".join(f"  {escape(n)}" for n in data["notes"])
     return text
 
 

@@ -11,8 +11,9 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
-from typing import Any, Callable
+from typing import Callable
+
+from guestagent.display import escape, table
 
 SCHEMA_VERSION = 1
 
@@ -71,7 +72,7 @@ def _snapshots(args: argparse.Namespace, interest: Callable | None = None):
             snap = obs.snapshot(time.monotonic())
             notes += [n for n in snap.notes if n not in notes]
     for note in notes:
-        print(f"guestagent: note: {note}", file=sys.stderr)
+        print(f"guestagent: note: {escape(note)}", file=sys.stderr)
     return snap
 
 
@@ -79,17 +80,6 @@ def _cpus_text(cpus) -> str:
     from guestagent.observe.parse import format_cpulist
 
     return format_cpulist(cpus) or "-"
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """Left-aligned columns; the last column is not padded (it holds free text)."""
-    cells = [list(map(str, headers))] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = []
-    for r in cells:
-        parts = [c.ljust(w) for c, w in zip(r[:-1], widths[:-1])] + [r[-1]]
-        lines.append("  ".join(parts).rstrip())
-    return "\n".join(lines)
 
 
 def _emit(args: argparse.Namespace, kind: str, doc: dict, text: str) -> int:
@@ -126,9 +116,9 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     threads = [t for t in snap.threads
                if (not args.rt or t.is_rt) and (args.cpu is None or args.cpu in t.affinity)]
     rows = [(t.tid, t.tgid, t.policy.name, _prio_text(t), t.nice, _cpus_text(t.affinity),
-             t.last_cpu, t.state, t.unit or t.cgroup or "-", t.comm.replace("\n", "\\n"))
+             t.last_cpu, t.state, t.unit or t.cgroup or "-", t.comm)
             for t in threads]
-    text = _table(("TID", "PID", "POLICY", "PRIO", "NICE", "AFFINITY", "CPU", "S", "UNIT",
+    text = table(("TID", "PID", "POLICY", "PRIO", "NICE", "AFFINITY", "CPU", "S", "UNIT",
                    "COMM"), rows)
     doc = {"nr_threads": snap.nr_threads, "tasks": [thread_json(t) for t in threads],
            "notes": list(snap.notes)}
@@ -146,7 +136,7 @@ def cmd_irqs(args: argparse.Namespace) -> int:
         rows.append((i.irq, _cpus_text(i.effective_affinity), _cpus_text(i.affinity),
                      f"{i.rate:.1f}", i.total, thread, ",".join(i.netdevs) or "-",
                      i.chip, i.hwirq or "-", ", ".join(i.actions) or "-"))
-    text = _table(("IRQ", "EFFECTIVE", "AFFINITY", "RATE/s", "TOTAL", "THREADS", "NETDEV",
+    text = table(("IRQ", "EFFECTIVE", "AFFINITY", "RATE/s", "TOTAL", "THREADS", "NETDEV",
                    "CHIP", "HWIRQ", "ACTIONS"), rows)
     doc = {"irqs": [{
         "irq": i.irq, "chip": i.chip, "hwirq": i.hwirq, "actions": list(i.actions),
@@ -177,7 +167,7 @@ def cmd_cpus(args: argparse.Namespace) -> int:
                      _yes(cpu in c.nohz_full), _yes(cpu in c.partitions),
                      "-" if steal is None else f"{steal * 100:.1f}%",
                      "; ".join(pinned.get(cpu, ())) or "-"))
-    text = _table(("CPU", "ONLINE", "ISOLATED", "NOHZ_FULL", "PARTITION", "STEAL",
+    text = table(("CPU", "ONLINE", "ISOLATED", "NOHZ_FULL", "PARTITION", "STEAL",
                    "PINNED_CRITICAL"), rows)
     doc = {"possible": sorted(c.possible), "online": sorted(c.online),
            "isolated": sorted(c.isolated), "nohz_full": sorted(c.nohz_full),
