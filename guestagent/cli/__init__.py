@@ -12,7 +12,7 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
-from typing import Callable
+from typing import Callable, NoReturn
 
 from guestagent import __version__
 from guestagent.errors import GuestagentError
@@ -20,8 +20,17 @@ from guestagent.errors import GuestagentError
 AREAS = ("guestagent.cli.observe", "guestagent.cli.agent", "guestagent.cli.cloudinit")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a bad argument reported in one line (the usage is one --help away)."""
+
+    def error(self, message: str) -> NoReturn:
+        from guestagent.display import escape
+
+        self.exit(2, f"{self.prog}: error: {escape(message)} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="guestagent",
         description="Tell the hypervisor host what the guest's scheduler knows.",
     )
@@ -35,12 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
 def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namespace,
                 prog: str) -> int:
     """Run a handler, turning expected failures into one line on stderr."""
+    from guestagent.display import escape
+
     try:
         code = func(args)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
         return code
     except GuestagentError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {escape(err)}", file=sys.stderr)
         return 1
     except BrokenPipeError:
         # The reader went away (`| head`): stop quietly, and point stdout at
@@ -48,11 +59,12 @@ def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except PermissionError as err:
-        print(f"{prog}: error: permission denied: {err.filename or err}", file=sys.stderr)
+        print(f"{prog}: error: permission denied: {escape(err.filename or err)}",
+              file=sys.stderr)
         return 1
     except OSError as err:
         where = f": {err.filename}" if err.filename else ""
-        print(f"{prog}: error: {err.strerror or err}{where}", file=sys.stderr)
+        print(f"{prog}: error: {escape(err.strerror or err)}{escape(where)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -13,6 +13,7 @@ import sys
 import time
 from typing import Callable
 
+from guestagent.cli.args import cpu_number, seconds
 from guestagent.display import escape, table
 
 SCHEMA_VERSION = 1
@@ -22,14 +23,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     tasks = sub.add_parser("tasks", help="threads with a real-time policy, a nice level, or "
                            "(with --all) every thread")
     tasks.add_argument("--rt", action="store_true", help="only FIFO, RR and DEADLINE threads")
-    tasks.add_argument("--cpu", type=int, metavar="N", help="only threads allowed on CPU N")
+    tasks.add_argument("--cpu", type=cpu_number, metavar="N",
+                       help="only threads allowed on CPU N")
     tasks.add_argument("--all", action="store_true", help="every thread, not only those "
                        "with a non-default policy or nice")
     _common(tasks)
     tasks.set_defaults(func=cmd_tasks)
 
     irqs = sub.add_parser("irqs", help="interrupts: affinity, rate, IRQ threads, NIC queues")
-    irqs.add_argument("--cpu", type=int, metavar="N",
+    irqs.add_argument("--cpu", type=cpu_number, metavar="N",
                       help="only IRQs delivered to CPU N (effective affinity)")
     irqs.add_argument("--threaded", action="store_true", help="only IRQs with IRQ threads")
     _common(irqs, interval=True)
@@ -46,7 +48,8 @@ def _common(p: argparse.ArgumentParser, interval: bool = False) -> None:
     p.add_argument("--tree", metavar="DIR", help="read a recorded /proc and /sys tree "
                    "(DIR/proc, DIR/sys) instead of this machine")
     if interval:
-        p.add_argument("--interval", type=float, default=0.25, metavar="SECONDS",
+        p.add_argument("--interval", type=seconds(0.01, allow_zero=True), default=0.25,
+                       metavar="SECONDS",
                        help="time between the two sweeps that give rates (default 0.25; "
                        "0 for one sweep, rates then show 0)")
 
@@ -65,6 +68,7 @@ def _snapshots(args: argparse.Namespace, interest: Callable | None = None):
         kernel = RecordedKernel(args.tree)
     with Observer(kernel, interest=interest, watch=False) as obs:
         snap = obs.snapshot(time.monotonic())
+        _check_cpu(args, snap)
         notes = list(snap.notes)
         interval = getattr(args, "interval", 0) or 0
         if interval > 0 and not args.tree:
@@ -74,6 +78,18 @@ def _snapshots(args: argparse.Namespace, interest: Callable | None = None):
     for note in notes:
         print(f"guestagent: note: {escape(note)}", file=sys.stderr)
     return snap
+
+
+def _check_cpu(args: argparse.Namespace, snap) -> None:
+    """--cpu must name a CPU the machine (or tree) has, so an empty table means none."""
+    from guestagent.errors import GuestagentError
+
+    cpu = getattr(args, "cpu", None)
+    known = snap.cpus.possible | snap.cpus.online
+    if cpu is not None and known and cpu not in known:
+        raise GuestagentError(f"--cpu {cpu}: no such CPU; this "
+                              f"{'tree' if args.tree else 'machine'} has CPUs "
+                              f"{_cpus_text(known)}")
 
 
 def _cpus_text(cpus) -> str:

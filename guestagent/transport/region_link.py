@@ -226,7 +226,7 @@ class RegionHostLink:
         self._watch = HeartbeatWatch(stale_after)
         self._backoff = Backoff(1.0, 5.0)
         self._retry_at = 0.0
-        self._reason = "region not mapped yet"
+        self._reason = ""  # nothing tried yet: the first tick maps the file or says why not
         self._busy = self._bad = self._io = 0
         self._now = 0.0
 
@@ -249,6 +249,7 @@ class RegionHostLink:
             try:
                 self._region = map_region(self.path, 256)
                 self._backoff.reset()
+                self._reason = "region mapped; the guest has not written it yet"
             except GuestagentError as err:
                 self._io += 1
                 self._reason = str(err)
@@ -267,6 +268,9 @@ class RegionHostLink:
         line = read_line(mm, GUEST_CONTROL_OFFSET)
         if line is None:
             self._busy += 1
+            if not self._ctl.guest_epoch:  # never accepted: likely not a guestagent region
+                self._reason = "the guest's control line never reads whole: not a region a " \
+                    "guest formatted (wrong file?)"
             return
         guest = decode_guest_control(line)
         if guest.epoch == 0:
