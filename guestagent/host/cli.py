@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from guestagent import __version__
-from guestagent.cli import Parser, dispatch
+from guestagent.cmdline import Parser, dispatch
 from guestagent.errors import GuestagentError
 from guestagent.host.status import DEFAULT_STATUS_SOCKET
 from guestagent.observe.parse import format_cpulist
