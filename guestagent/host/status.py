@@ -19,7 +19,7 @@ from guestagent.documents import SCHEMA_VERSION, hint_json
 from guestagent.errors import GuestagentError
 from guestagent.host.decide import Plan
 from guestagent.host.settings import ThreadSettings
-from guestagent.observe.parse import format_cpulist
+from guestagent.linux.procfs import format_cpulist
 from guestagent.protocol.model import AppliedFlag, VcpuCapacity
 
 DEFAULT_STATUS_SOCKET = "/run/guestagent-host/status.sock"
