@@ -15,7 +15,7 @@ from guestagent import __version__
 from guestagent.cmdline import Parser, dispatch
 from guestagent.errors import GuestagentError
 from guestagent.host.status import DEFAULT_STATUS_SOCKET
-from guestagent.observe.parse import format_cpulist
+from guestagent.linux.procfs import format_cpulist
 from guestagent.protocol.model import CAPACITY_MAX
 
 DEFAULT_STATE_DIR = "/run/guestagent-host"  # state files of the peers, one per VM
@@ -180,7 +180,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def online_cpus() -> frozenset[int]:
-    from guestagent.observe.parse import parse_cpulist
+    from guestagent.linux.procfs import parse_cpulist
 
     try:
         with open("/sys/devices/system/cpu/online", encoding="ascii") as f:
