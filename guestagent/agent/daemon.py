@@ -27,10 +27,10 @@ from guestagent.agent.steer import SteerState, plan, restores
 from guestagent.errors import GuestagentError
 from guestagent.linux.sdnotify import Notifier
 from guestagent.observe import Observer, Snapshot, ThreadIdentity
-from guestagent.observe.kernel import UeventMonitor
 from guestagent.protocol.model import PeerState, neutral_hints
 from guestagent.transport.link import GuestLink
 from guestagent.transport.select import RANK, Choice, available, open_link
+from guestagent.transport.uevents import UeventMonitor
 
 RELINK_INTERVAL = 10.0  # how often to look for a better transport without a uevent
 STOP_FLUSH = 0.5  # how long a stopping agent keeps trying to deliver its last words
@@ -254,12 +254,13 @@ class Agent:
                 host_state=view.host_state.name.lower(),
                 features=flag_names(view.features, type(view.features)),
                 acked_generation=view.acked_generation,
-                host_heard_s=None if view.last_heard is None else round(now - view.last_heard, 3),
                 reason=view.reason,
                 errors={k: v for k, v in dataclasses.asdict(view.errors).items() if v})
+            if view.last_heard is not None:  # absent for a host never heard
+                transport["host_heard_s"] = round(now - view.last_heard, 3)
         return {
             "schema_version": SCHEMA_VERSION, "version": __version__, "pid": os.getpid(),
-            "uptime_s": round(now - self.started, 3), "config": self.config.source,
+            "uptime_s": round(now - self.started, 3), "config": self.config_path,
             "transport": transport, "generation": self.generation,
             "nr_vcpus": self.nr_vcpus, "threads": self.snapshot.nr_threads,
             "threads_of_note": len(self.snapshot.threads),
