@@ -141,14 +141,18 @@ def parse_limits(text: str, path: str = "<config>",
     return replace(HostLimits(), **values)
 
 
-def load_limits(path: str | None) -> HostLimits:
-    if path is None:
-        return HostLimits()
+def read_config_text(path: str) -> str:
+    """A config file's text; ConfigError (one line) if it cannot be read as UTF-8."""
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
+            return f.read()
     except OSError as err:
         raise ConfigError(f"{path}: {err.strerror or err}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
-    return parse_limits(text, path)
+
+
+def load_limits(path: str | None) -> HostLimits:
+    if path is None:
+        return HostLimits()
+    return parse_limits(read_config_text(path), path)

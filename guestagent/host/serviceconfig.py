@@ -26,7 +26,8 @@ from typing import Any
 
 from guestagent.errors import ConfigError
 from guestagent.host.arbiter import ArbiterLimits
-from guestagent.host.config import HostLimits, parse_limits
+from guestagent.host.config import HostLimits, parse_limits, read_config_text
+from guestagent.host.config import _line_of as line_of
 from guestagent.host.dropins import DROPIN_DIR
 from guestagent.host.libvirt import STATUS_DIR
 
@@ -106,8 +107,10 @@ CHECKS = {
 
 
 def _line_of(text: str, key: str) -> int:
-    match = re.search(rf"^[ \t]*{re.escape(key)}[ \t]*=", text, re.MULTILINE)
-    return text.count("\n", 0, match.start()) + 1 if match else 1
+    """The line of `key` in the [host] table (the same name may be a per-VM key above)."""
+    header = re.search(r"^[ \t]*\[host\]", text, re.MULTILINE)
+    start = header.end() if header else 0
+    return text.count("\n", 0, start) + line_of(text[start:], key)
 
 
 def parse_service(text: str, path: str = "<config>") -> ServiceSettings:
@@ -131,11 +134,4 @@ def parse_service(text: str, path: str = "<config>") -> ServiceSettings:
 def load_service(path: str | None) -> ServiceSettings:
     if path is None:
         return ServiceSettings()
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as err:
-        raise ConfigError(f"{path}: {err.strerror or err}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text") from None
-    return parse_service(text, path)
+    return parse_service(read_config_text(path), path)

@@ -13,23 +13,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 
 import pytest
+from helpers.waiting import wait_for
 
 from testbed.vm import GuestVM
 
 pytestmark = [pytest.mark.vm, pytest.mark.root]
-
-
-def wait_for(predicate, timeout: float, step: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(step)
 
 
 def policy(tid: int) -> int:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.waiting import wait_for
 
 from guestagent.host.cgroup import CgroupFs
 from testbed.libvirt import GUEST_PYTHON, Domain, Libvirtd, missing_components
@@ -31,15 +32,6 @@ from testbed.libvirt import GUEST_PYTHON, Domain, Libvirtd, missing_components
 pytestmark = [pytest.mark.vm, pytest.mark.root]
 
 RT_TASK = ["taskset", "-c", "1", "chrt", "-f", "50", "sleep", "900"]
-
-
-def wait_for(predicate, timeout: float, step: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(step)
 
 
 def policy(tid: int) -> tuple[int, int]:
