@@ -251,11 +251,13 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from guestagent.host.statefile import INCOMPLETE, REFUSED, restore_leftovers
 
     _require_root(args.dry_run)
-    if not args.dry_run:  # cgroup runtimes a killed `serve` granted
+    outcomes = restore_leftovers(args.state_dir, args.dry_run)
+    if not args.dry_run:
+        # Then the cgroup runtimes a killed `serve` granted: the kernel refuses to take
+        # RT runtime from a cgroup while an RT thread is still in it.
         from guestagent.host.hostlog import HostLog
         from guestagent.host.serve import restore_cgroup_leftovers
         restore_cgroup_leftovers(args.state_dir, HostLog(verbose=True, stream=sys.stdout))
-    outcomes = restore_leftovers(args.state_dir, args.dry_run)
     for outcome in outcomes:
         bad = outcome.result in (REFUSED, INCOMPLETE)
         for line in outcome.lines:

@@ -267,12 +267,13 @@ def serve(opts: ServeOptions, restore_before_attach: Any) -> int:
     cgroups = CgroupFs.find()
     granter = None
     if not opts.dry_run:
-        # What a killed service left: cgroup runtimes, then every VM's thread state files.
+        # What a killed service left: every VM's threads, then the cgroup runtimes (the
+        # kernel refuses to take RT runtime from a cgroup with an RT thread in it).
         ensure_state_dir(opts.state_dir)
-        restore_cgroup_leftovers(opts.state_dir, log)
         for outcome in restore_leftovers(opts.state_dir, False):
             for line in outcome.lines:
                 log(line, NOTICE if outcome.result == RESTORED else WARNING)
+        restore_cgroup_leftovers(opts.state_dir, log)
     if cgroups is not None and settings.rt_cgroup_budget_us and not opts.dry_run and me:
         granter = CgroupGranter(cgroups, CgroupJournal(opts.state_dir, me),
                                 settings.rt_cgroup_per_thread_us, settings.rt_cgroup_budget_us)
