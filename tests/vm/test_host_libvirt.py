@@ -194,7 +194,10 @@ def test_serve_finds_both_domains_refuses_rt_in_the_trap_then_grants_and_restore
     doms, guests = world["doms"], world["guests"]
     chan, reg = doms["channel"], doms["region"]
     before = {name: _cgroup_runtimes(d) for name, d in doms.items()}
-    assert all(v == 0 for rt in before.values() for v in rt.values()), before  # the trap
+    fs = CgroupFs.find()
+    # The trap: each QEMU thread's own cgroup has no RT runtime.
+    assert all(fs.runtime(fs.thread_cgroup(d.pid, t)) == 0 for d in doms.values()
+               for t in _threads(d)), before
     workdir = world["workdir"] / "trap"
     workdir.mkdir()
     svc = Service(workdir, "ga-lvt")
