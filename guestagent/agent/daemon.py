@@ -27,10 +27,10 @@ from guestagent.agent.steer import SteerState, plan, restores
 from guestagent.errors import GuestagentError
 from guestagent.linux.sdnotify import Notifier
 from guestagent.observe import Observer, Snapshot, ThreadIdentity
-from guestagent.observe.kernel import UeventMonitor
 from guestagent.protocol.model import PeerState, neutral_hints
 from guestagent.transport.link import GuestLink
 from guestagent.transport.select import RANK, Choice, available, open_link
+from guestagent.transport.uevents import UeventMonitor
 
 RELINK_INTERVAL = 10.0  # how often to look for a better transport without a uevent
 STOP_FLUSH = 0.5  # how long a stopping agent keeps trying to deliver its last words
