@@ -8,6 +8,7 @@ name the file and the line of the offending key.
 from __future__ import annotations
 
 import fnmatch
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,7 @@ from guestagent.protocol.model import SchedClass
 from guestagent.sched import NICE_MAX, NICE_MIN, POLICY_BY_NAME, RT_PRIORITY_MAX
 
 DEFAULT_PATH = "/etc/guestagent/guestagent.toml"
+RUN_DIR = "/run/guestagent"  # the daemon's own directory: the one it may create
 
 
 SCHEMA: tuple[KeySpec, ...] = (
@@ -249,8 +251,25 @@ def parse_config(raw: bytes, path: str = "<string>") -> Config:
             if spec is None:
                 raise ConfigError(f"{where}: unknown key {section}.{name}")
             values[section][name] = check_value(spec, value, where)  # type: ignore[index]
+    check_paths(values, path, lines)
     rules = parse_rules(data.get("rule", []), path, lines)
     return Config(values=values, rules=rules, source=path)
+
+
+def check_paths(values: Mapping[str, Mapping[str, Any]], path: str, lines: KeyLines) -> None:
+    """Refuse paths the daemon cannot use safely: it creates no directory but RUN_DIR."""
+    socket = values["control"]["socket"]
+    if not os.path.isabs(socket):
+        raise ConfigError(f"{path}:{lines.key('control', 'socket')}: control.socket must be an "
+                          f"absolute path, not {socket!r}")
+    textfile_dir = values["metrics"]["textfile_dir"]  # written into, so it must exist itself
+    for section, name, parent in (
+            ("transport", "local_region", os.path.dirname(values["transport"]["local_region"])),
+            ("control", "socket", os.path.dirname(socket)),
+            ("metrics", "textfile_dir", textfile_dir and os.path.normpath(textfile_dir))):
+        if parent and parent != RUN_DIR and not os.path.isdir(parent):
+            raise ConfigError(f"{path}:{lines.key(section, name)}: {section}.{name}: directory "
+                              f"{parent} does not exist")
 
 
 def parse_rules(raw: Any, path: str, lines: KeyLines) -> tuple[Rule, ...]:

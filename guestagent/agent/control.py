@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from guestagent.agent.config import RUN_DIR
 from guestagent.errors import GuestagentError
 from guestagent.linux.jsonlines import (
     JsonLineClient,
@@ -32,7 +33,6 @@ MAX_RESPONSE = 16 << 20  # a status document of thousands of threads fits
 CLIENT_TIMEOUT = 0.5  # a client that does not send its line in time is dropped
 READ_COMMANDS = frozenset({"status", "hints", "capacity", "ping"})
 WRITE_COMMANDS = frozenset({"reload"})
-RUN_DIR = "/run/guestagent"  # the daemon's own directory: the one parent it creates
 
 
 @dataclass(frozen=True)
