@@ -70,16 +70,19 @@ class Observer:
 
     ``watch=False`` skips the event sources (one-shot CLI views): the threads
     are then found by scanning /proc at each snapshot, without a note.
+    ``paths=False`` leaves executable paths unread (and unreported when they
+    cannot be read) unless an interest predicate needs them: for views that
+    show none.
     """
 
     def __init__(self, kernel: Kernel | None = None,
                  interest: Interest | None = None, watch: bool = True,
-                 change_share: float = CHANGE_SWEEP_SHARE) -> None:
+                 change_share: float = CHANGE_SWEEP_SHARE, paths: bool = True) -> None:
         self.kernel = kernel if kernel is not None else LiveKernel()
         self._watching = watch
         self._sched_watch: SchedWatch | None = None
         self.change_share = change_share
-        self._threads = ThreadTable(self.kernel, interest, watch=watch)
+        self._threads = ThreadTable(self.kernel, interest, watch=watch, paths=paths)
         self._irqs = IrqTable(self.kernel)
         try:
             self._cpus = CpuTable(self.kernel, watch=watch)

@@ -136,9 +136,11 @@ class ThreadTable:
     """All threads of the machine; ``sweep()`` returns those that matter."""
 
     def __init__(self, kernel: Kernel, interest: Interest | None = None,
-                 watch: bool = True) -> None:
+                 watch: bool = True, paths: bool = True) -> None:
         self._kernel = kernel
         self._interest = interest
+        # executable paths are read when someone shows them or a rule matches on them
+        self._paths = paths
         self._known: dict[int, _Known] = {}
         self._identity: dict[int, tuple[str, str]] = {}  # tgid -> (exe, cgroup)
         self._pending: set[int] = set()  # interest to (re-)evaluate
@@ -266,7 +268,8 @@ class ThreadTable:
     def _process_identity(self, tgid: int) -> tuple[str, str]:
         cached = self._identity.get(tgid)
         if cached is None:
-            cached = (self._read_exe(tgid), self._read_cgroup(f"/proc/{tgid}/cgroup"))
+            exe = self._read_exe(tgid) if self._paths or self._interest is not None else ""
+            cached = (exe, self._read_cgroup(f"/proc/{tgid}/cgroup"))
             self._identity[tgid] = cached
         return cached
 
