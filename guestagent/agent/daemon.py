@@ -24,7 +24,7 @@ from guestagent.agent.uplink import Uplink
 from guestagent.linux.loop import Loop
 from guestagent.linux.sdnotify import Notifier
 from guestagent.observe import Observer
-from guestagent.observe.kernel import UeventMonitor
+from guestagent.transport.uevents import UeventMonitor
 
 STOP_FLUSH = 0.5  # how long a stopping agent keeps trying to deliver its last words
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
-from guestagent.protocol.errors import ProtocolError
+from guestagent.protocol.errors import LocalProtocolError, RemoteProtocolError
 from guestagent.protocol.messages import (
     Ack,
     Capacity,
@@ -105,7 +105,7 @@ class LineFramer:
 def _line(obj: dict) -> bytes:
     data = json.dumps(obj, separators=(",", ":"), ensure_ascii=True).encode() + b"\n"
     if len(data) > MAX_LINE:
-        raise ProtocolError(f"{obj.get('type')} line of {len(data)} bytes exceeds {MAX_LINE}")
+        raise LocalProtocolError(f"{obj.get('type')} line of {len(data)} bytes exceeds {MAX_LINE}")
     return data
 
 
@@ -121,14 +121,14 @@ def _capacity_entry(c: VcpuCapacity) -> list[int]:
 def _parts(entries: list, nr: int) -> list[list]:
     chunks = [entries[i:i + ENTRIES_PER_PART] for i in range(0, len(entries), ENTRIES_PER_PART)]
     if nr > MAX_VCPUS:
-        raise ProtocolError(f"nr_vcpus {nr} exceeds {MAX_VCPUS}")
+        raise LocalProtocolError(f"nr_vcpus {nr} exceeds {MAX_VCPUS}")
     return chunks or [[]]
 
 
 def _check_table(items: Sequence[Any]) -> None:
     for i, item in enumerate(items):
         if item.vcpu != i:
-            raise ProtocolError(f"table entry {i} is for vCPU {item.vcpu}")
+            raise LocalProtocolError(f"table entry {i} is for vCPU {item.vcpu}")
 
 
 def encode_hints(msg: Hints) -> bytes:
@@ -176,41 +176,41 @@ def encode_message(msg: Message | Hints | Capacity) -> bytes:
         return _line({"type": "sync", "id": msg.id})
     if isinstance(msg, SyncAck):
         return _line({"type": "sync-ack", "id": msg.id})
-    raise ProtocolError(f"cannot encode {type(msg).__name__}")
+    raise LocalProtocolError(f"cannot encode {type(msg).__name__}")
 
 
 # --- decoding -------------------------------------------------------------------------
 
 def _reject_constant(name: str) -> Any:
-    raise ProtocolError(f"non-finite number {name}")
+    raise RemoteProtocolError(f"non-finite number {name}")
 
 
 def _int(obj: dict, key: str, low: int = 0, high: int = U64_MAX, default: Any = None) -> int:
     value = obj.get(key, default)
     if value is None:
-        raise ProtocolError(f"missing field {key!r}")
+        raise RemoteProtocolError(f"missing field {key!r}")
     return _check_int(value, key, low, high)
 
 
 def _check_int(value: Any, what: str, low: int, high: int) -> int:
     if type(value) is not int:
-        raise ProtocolError(f"field {what!r} is not an integer")
+        raise RemoteProtocolError(f"field {what!r} is not an integer")
     if not low <= value <= high:
-        raise ProtocolError(f"field {what!r} = {value} outside {low}..{high}")
+        raise RemoteProtocolError(f"field {what!r} = {value} outside {low}..{high}")
     return value
 
 
 def _text(obj: dict, key: str, default: str = "") -> str:
     value = obj.get(key, default)
     if not isinstance(value, str):
-        raise ProtocolError(f"field {key!r} is not a string")
+        raise RemoteProtocolError(f"field {key!r} is not a string")
     return value[:_TEXT_MAX]
 
 
 def _version(obj: dict) -> tuple[int, int]:
     v = obj.get("version")
     if not isinstance(v, list) or len(v) < 2:
-        raise ProtocolError("field 'version' is not [major, minor]")
+        raise RemoteProtocolError("field 'version' is not [major, minor]")
     return _check_int(v[0], "version", 0, 0xFFFF), _check_int(v[1], "version", 0, 0xFFFF)
 
 
@@ -223,12 +223,12 @@ def _table_header(obj: dict) -> tuple[int, int, int, list]:
     nr = _int(obj, "nr_vcpus", 1, MAX_VCPUS)
     part = obj.get("part", [0, 1])
     if not isinstance(part, list) or len(part) < 2:
-        raise ProtocolError("field 'part' is not [index, count]")
+        raise RemoteProtocolError("field 'part' is not [index, count]")
     parts = _check_int(part[1], "part", 1, MAX_VCPUS)
     index = _check_int(part[0], "part", 0, parts - 1)
     vcpus = obj.get("vcpus")
     if not isinstance(vcpus, list) or len(vcpus) > nr:
-        raise ProtocolError("field 'vcpus' is not a list of at most nr_vcpus entries")
+        raise RemoteProtocolError("field 'vcpus' is not a list of at most nr_vcpus entries")
     return nr, index, parts, vcpus
 
 
@@ -237,12 +237,12 @@ def _entries(vcpus: list, nr: int, width: int) -> list[list[int]]:
     rows = []
     for entry in vcpus:
         if not isinstance(entry, list) or len(entry) < width:
-            raise ProtocolError(f"vcpus entry is not a list of {width} integers")
+            raise RemoteProtocolError(f"vcpus entry is not a list of {width} integers")
         row = [_check_int(x, "vcpus", -(1 << 63), U64_MAX) for x in entry[:width]]
         if not 0 <= row[0] < nr:
-            raise ProtocolError(f"vCPU index {row[0]} outside 0..{nr - 1}")
+            raise RemoteProtocolError(f"vCPU index {row[0]} outside 0..{nr - 1}")
         if row[0] in seen:
-            raise ProtocolError(f"vCPU {row[0]} listed twice")
+            raise RemoteProtocolError(f"vCPU {row[0]} listed twice")
         seen.add(row[0])
         rows.append(row)
     return rows
@@ -270,18 +270,18 @@ def _decode_state(obj: dict) -> PeerState:
 
 
 def decode_line(line: bytes) -> Message:
-    """One framed line (no newline) to a message; ProtocolError for anything invalid."""
+    """One framed line (no newline) to a message; RemoteProtocolError for anything invalid."""
     try:
         obj = json.loads(line.decode("utf-8"), parse_constant=_reject_constant)
-    except ProtocolError:
+    except RemoteProtocolError:
         raise
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise ProtocolError(f"malformed line: {type(err).__name__}") from None
+        raise RemoteProtocolError(f"malformed line: {type(err).__name__}") from None
     if not isinstance(obj, dict):
-        raise ProtocolError("line is not a JSON object")
+        raise RemoteProtocolError("line is not a JSON object")
     kind = obj.get("type")
     if not isinstance(kind, str):
-        raise ProtocolError("line has no string 'type'")
+        raise RemoteProtocolError("line has no string 'type'")
     if kind == "hints":
         return _decode_hints(obj)
     if kind == "capacity":
@@ -303,7 +303,7 @@ def decode_line(line: bytes) -> Message:
         major, minor = _version(obj)
         accepted = obj.get("accepted")
         if not isinstance(accepted, bool):
-            raise ProtocolError("field 'accepted' is not a boolean")
+            raise RemoteProtocolError("field 'accepted' is not a boolean")
         return Welcome(accepted=accepted, features=_features(obj),
                        epoch=_int(obj, "epoch", default=0), reason=_text(obj, "reason"),
                        major=major, minor=minor, protocol=_text(obj, "protocol"))

@@ -11,13 +11,13 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from guestagent.sched import NICE_MAX, NICE_MIN, RT_PRIORITY_MAX
+
 PROTOCOL_NAME = "org.guestagent.sched"
 VERSION_MAJOR = 1
 VERSION_MINOR = 0
 
 CAPACITY_MAX = 1024  # a vCPU with a physical CPU all to itself
-RT_PRIORITY_MAX = 99
-NICE_MIN, NICE_MAX = -20, 19
 GROUP_MAX = 0xFFFF  # co-location groups are u16; 0 means "no group"
 
 
@@ -157,15 +157,3 @@ def make_capacity(vcpu: int, capacity: int, pcpu: int, host_load: int, applied: 
                         pcpu=max(pcpu, -1), host_load=_clamp(host_load, -1, CAPACITY_MAX),
                         applied=AppliedFlag(applied & APPLIED_FLAG_MASK),
                         acked_generation=max(acked_generation, 0))
-
-
-def normalise_hint(hint: VcpuHint) -> VcpuHint:
-    """The hint as the peer will decode it (clamped, unknown values replaced)."""
-    return make_hint(hint.vcpu, int(hint.request), int(hint.sched_class), hint.rt_priority,
-                     hint.nice, int(hint.flags), hint.group)
-
-
-def normalise_capacity(cap: VcpuCapacity) -> VcpuCapacity:
-    """The capacity as the peer will decode it."""
-    return make_capacity(cap.vcpu, cap.capacity, cap.pcpu, cap.host_load, int(cap.applied),
-                         cap.acked_generation)
