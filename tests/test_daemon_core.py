@@ -144,21 +144,29 @@ def test_a_real_thread_exit_reaches_the_link_after_the_hold_without_a_sweep():
     with Observer() as observer:
         if observer.thread_mode != "events":
             pytest.skip("the process-events connector is unavailable here")
-        with sched_thread(os.SCHED_FIFO, 30, comm=b"core-probe", cpus={1}) as rt:
+        # FIFO 37: a priority no other test of this machine gives its threads
+        with sched_thread(os.SCHED_FIFO, 37, comm=b"core-probe", cpus={1}) as rt:
             core = make_core(observer, config(hold_ms=300), time.monotonic, links)
             core.step(time.monotonic())
             link = links.opened[0]
             assert requests(link.last)[1] == "BOOST", link.published
-            sweeps = core.sweeps
+            assert probe_behind_vcpu1(core), core.decision
         ended = time.monotonic()  # the thread has been joined: its exit event is queued
 
-        def neutral() -> bool:
+        def dropped() -> bool:
             for fd in observer.fds():
                 observer.handle_readable(fd)
             core.step(time.monotonic())
-            return requests(link.last)[1] == "NEUTRAL"
+            return not probe_behind_vcpu1(core)
 
-        assert wait_for(neutral, 30, step=0.01), link.published
-        assert time.monotonic() - ended >= 0.3 * 0.9, "the hold must be kept"
-        assert core.sweeps == sweeps, "the exit event, not a sweep, started the hold"
+        # far sooner than the 60 s sweep interval: the exit event starts the hold
+        assert wait_for(dropped, 30, step=0.01), link.published
+        assert time.monotonic() - ended >= 0.3 * 0.9, ("the hold must be kept", core.decision)
+        assert link.published[-1][0] == core.generation, "the drop reached the link"
         assert core.refreshes >= 1 and rt.tid not in {t.tid for t in core.snapshot.threads}
+
+
+def probe_behind_vcpu1(core) -> bool:
+    """Whether the probe thread is among vCPU 1's reasons (also while held); other
+    work on this shared machine may hold a boost of its own there."""
+    return any("core-probe" in r for r in core.decision.vcpus[1].reasons)
