@@ -167,10 +167,17 @@ def starting_thread(policy: int) -> Iterator[list[int]]:
         os.sched_setscheduler(0, policy, os.sched_param(7 if policy else 0))
         stop.wait(30)
 
+    with _running(body, stop):
+        yield tid
+
+
+@contextmanager
+def _running(body, stop: threading.Event) -> Iterator[None]:
+    """A thread running ``body`` until the block ends and ``stop`` is set."""
     th = threading.Thread(target=body, daemon=True)
     th.start()
     try:
-        yield tid
+        yield
     finally:
         stop.set()
         th.join(5)
@@ -232,13 +239,8 @@ def born_fifo() -> Iterator[list[int]]:
         th.start()
         th.join(30)
 
-    th = threading.Thread(target=parent, daemon=True)
-    th.start()
-    try:
+    with _running(parent, stop):
         yield tid
-    finally:
-        stop.set()
-        th.join(5)
 
 
 def test_young_thread_born_fifo_is_re_read_without_a_sweep(watching):

@@ -11,13 +11,18 @@ re-reads) and reuses the IRQ and CPU tables of the last full snapshot, with
 each IRQ's threads taken from the fresh sweep; ``full=True`` (the default)
 re-reads everything. The daemon takes a full one about once a second.
 
-Changes between sweeps: the loop also waits for ``deadline()`` and then calls
-``check_changes(now)``; True means take a snapshot now. Two things make it
-True: a thread born in the last ~150 ms that has just become real-time (the
-young re-checks ask them for their policy), and a scheduler-change wake-up
-(``schedwatch.py``: some thread's policy, priority, nice or affinity was
-just set). Either way the extra snapshots are paced by a token bucket, so a
-storm of them cannot make the agent spin.
+Changes between sweeps: after each round of ``handle_readable`` the loop calls
+``refresh(now)``, which re-reads only the threads that changed and returns a
+snapshot when one of them did: threads named by a scheduler-change wake-up
+(``schedwatch.py``: some thread's policy, priority, nice or affinity was just
+set), young threads found real-time (see below), and threads that mattered and
+exited (their exit event). The loop also waits for ``deadline()`` and then
+calls ``check_changes(now)``: it asks the young threads that are due for their
+policy (newborns; with scheduler-change wake-ups once, when the fork event is
+read, else a few times in their first ~150 ms), and returns True, meaning take
+a sweep now, only for a wake-up that names no threads (or too many). Those
+sweeps are paced by a token bucket, so a storm of them cannot make the agent
+spin.
 """
 
 from __future__ import annotations
