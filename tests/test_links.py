@@ -299,6 +299,7 @@ def test_region_unknown_major_refused(region_path):
     with open(region_path, "r+b") as f:  # the guest's header, as a v2 guest would write it
         f.seek(40)
         f.write(b"\x02\x00")
+    guest._header = guest._mm[:128]  # a v2 guest: this is the header it wrote
     host = RegionHostLink(region_path)
     try:
         assert run([host, guest], 3, lambda: guest.view().link == "refused")
