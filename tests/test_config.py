@@ -13,7 +13,7 @@ from guestagent.agent.config import (
     render_default_toml,
 )
 from guestagent.errors import ConfigError
-from guestagent.observe.parse import systemd_unit
+from guestagent.linux.procfs import systemd_unit
 from guestagent.protocol.model import SchedClass
 
 

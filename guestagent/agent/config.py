@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from guestagent.errors import ConfigError
-from guestagent.observe.parse import systemd_unit
-from guestagent.protocol.model import NICE_MAX, NICE_MIN, RT_PRIORITY_MAX, SchedClass
+from guestagent.linux.procfs import systemd_unit
+from guestagent.protocol.model import SchedClass
+from guestagent.sched import NICE_MAX, NICE_MIN, POLICY_BY_NAME, RT_PRIORITY_MAX
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -138,8 +139,6 @@ RULE_KEYS: tuple[KeySpec, ...] = (
             "partitions)."),
 )
 RULE_MATCH_KEYS = ("comm", "cgroup", "unit", "exe")
-SCHED_BY_NAME = {"fifo": SchedClass.FIFO, "rr": SchedClass.RR,
-                 "deadline": SchedClass.DEADLINE, "other": SchedClass.OTHER}
 
 
 @dataclass(frozen=True)
@@ -158,7 +157,7 @@ class Rule:
 
     @property
     def sched_class(self) -> SchedClass:
-        return SCHED_BY_NAME[self.sched]
+        return SchedClass(POLICY_BY_NAME[self.sched])
 
     def matches(self, comm: str, cgroup: str, exe: str) -> bool:
         """True when every pattern the rule sets matches (an unread field never matches)."""

@@ -17,15 +17,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from guestagent.agent.config import Config, first_rule
-from guestagent.protocol.model import (
-    RT_PRIORITY_MAX,
-    HintFlag,
-    Request,
-    SchedClass,
-    VcpuHint,
-)
+from guestagent.protocol.model import HintFlag, Request, SchedClass, VcpuHint
+from guestagent.sched import RT_POLICIES as RT_CLASSES
+from guestagent.sched import RT_PRIORITY_MAX
 
-RT_CLASSES = (SchedClass.FIFO, SchedClass.RR, SchedClass.DEADLINE)
 CRITICAL_GROUP = 1  # the co-location group of vCPUs carrying critical work
 # A vCPU counts as running only low-priority work when at least this share of
 # its busy time went to niced, SCHED_BATCH or SCHED_IDLE work...

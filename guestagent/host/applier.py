@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Callable
 
 from guestagent.errors import GuestagentError
 from guestagent.host.discovery import VcpuThread, thread_start_time
-from guestagent.host.settings import POLICY_MASK, ThreadSettings
+from guestagent.host.settings import ThreadSettings
 from guestagent.host.undo import ProcessId
+from guestagent.sched import POLICY_MASK
 
 if TYPE_CHECKING:  # statefile imports this module for read/write_settings
     from guestagent.host.statefile import UndoJournal

@@ -13,14 +13,15 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from guestagent.errors import ConfigError
-from guestagent.protocol.model import CAPACITY_MAX, NICE_MAX, NICE_MIN, RT_PRIORITY_MAX
+from guestagent.protocol.model import CAPACITY_MAX
+from guestagent.sched import NICE_MAX, NICE_MIN, RT_PRIORITY_MAX, SCHED_FIFO, SCHED_RR
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.9/3.10 only
     import tomli as tomllib
 
-POLICY_BY_NAME = {"fifo": 1, "rr": 2}  # SCHED_FIFO, SCHED_RR
+POLICY_BY_NAME = {"fifo": SCHED_FIFO, "rr": SCHED_RR}  # the RT policies a host may grant
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class HostLimits:
     """Limits on what one VM's guest may obtain; defaults suit a shared host."""
 
     max_rt_priority: int = 40  # below threaded IRQs (FIFO 50), so host interrupts still run
-    rt_policies: tuple[int, ...] = (1, 2)  # SCHED_FIFO, SCHED_RR; empty: no RT at all
+    rt_policies: tuple[int, ...] = (SCHED_FIFO, SCHED_RR)  # empty: no RT at all
     max_boosted: int = 2  # vCPUs of this VM boosted at once
     heartbeat_period: float = 1.0  # seconds between the guest's heartbeats
     lease_periods: float = 1.5  # a boost lasts this many heartbeat periods unless renewed

@@ -16,7 +16,7 @@ from typing import Any
 from guestagent.errors import GuestagentError
 from guestagent.host.decide import Plan
 from guestagent.host.settings import ThreadSettings
-from guestagent.observe.parse import format_cpulist
+from guestagent.linux.procfs import format_cpulist
 from guestagent.protocol.model import AppliedFlag, VcpuCapacity, VcpuHint
 
 DEFAULT_STATUS_SOCKET = "/run/guestagent-host/status.sock"

@@ -9,15 +9,15 @@ a wrong type, a value out of range or another format version is refused whole.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from typing import Any
 
-from guestagent.host.settings import POLICY_MASK, POLICY_NAMES, ThreadSettings
+from guestagent.host.settings import ThreadSettings
+from guestagent.sched import POLICY_MASK, POLICY_NAMES
+from guestagent.sched import SCHED_RESET_ON_FORK as RESET_ON_FORK
 
 FORMAT = "guestagent-host-undo"
 VERSION = 1
-RESET_ON_FORK = getattr(os, "SCHED_RESET_ON_FORK", 0x40000000)
 MAX_CPU = 1 << 16  # far above any host; bounds what a hostile affinity list can name
 MAX_PID = 1 << 22  # the kernel's limit on pid_max
 MAX_START = 1 << 62

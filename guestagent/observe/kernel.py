@@ -31,12 +31,11 @@ from guestagent.observe.parse import (
     parse_status_cpus,
 )
 from guestagent.observe.schedwatch import SchedWatch
+from guestagent.sched import SCHED_DEADLINE, SCHED_RESET_ON_FORK
 from guestagent.transport.uevents import UeventMonitor  # CPU hotplug: the same monitor
 
 GONE = -1  # policy/nice placeholder for a thread that exited mid-sweep
 STAT_FD_CAP = 1024  # stat fds kept open for the threads that matter
-SCHED_DEADLINE = 6
-SCHED_RESET_ON_FORK = 0x40000000
 _NR_SCHED_GETATTR = {"x86_64": 315, "aarch64": 275, "riscv64": 275, "ppc64le": 356,
                      "s390x": 346, "i686": 352, "armv7l": 381}
 

@@ -34,7 +34,7 @@ from itertools import compress
 from typing import Callable
 
 from guestagent.observe.events import ProcEvent
-from guestagent.observe.kernel import GONE, SCHED_DEADLINE, Kernel, ProcEventSource
+from guestagent.observe.kernel import GONE, Kernel, ProcEventSource
 from guestagent.observe.parse import (
     PF_KTHREAD,
     PF_NO_SETAFFINITY,
@@ -47,10 +47,11 @@ from guestagent.observe.parse import (
 )
 from guestagent.observe.young import YoungThreads
 from guestagent.protocol.model import SchedClass
+from guestagent.sched import PRIORITY_POLICIES as _FIFO_RR
+from guestagent.sched import RT_POLICIES as RT_CLASSES
+from guestagent.sched import SCHED_DEADLINE
 
-RT_CLASSES = frozenset({SchedClass.FIFO, SchedClass.RR, SchedClass.DEADLINE})
 NICE_ROTATION = 4  # nice of threads that do not matter: a 1/4 slice per sweep
-_FIFO_RR = (SchedClass.FIFO, SchedClass.RR)
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,13 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from guestagent.sched import NICE_MAX, NICE_MIN, RT_PRIORITY_MAX
+
 PROTOCOL_NAME = "org.guestagent.sched"
 VERSION_MAJOR = 1
 VERSION_MINOR = 0
 
 CAPACITY_MAX = 1024  # a vCPU with a physical CPU all to itself
-RT_PRIORITY_MAX = 99
-NICE_MIN, NICE_MAX = -20, 19
 GROUP_MAX = 0xFFFF  # co-location groups are u16; 0 means "no group"
 PCPU_MAX = 0x7FFFFFFF  # physical CPU numbers are i32; -1 means "unknown"
 
