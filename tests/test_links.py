@@ -195,7 +195,7 @@ def test_channel_unknown_major_refused(sock_path):
 def test_channel_guest_refused_by_host_reports_it(sock_path):
     host = ChannelHostLink(sock_path, listen=True)
     guest = ChannelGuestLink(sock_path, 3)
-    guest.conn.hello = Hello(Feature.NONE, 1, 3, major=3)  # a guest from the future
+    guest.conn.hello = Hello(Feature.NONE, 1, 3, major=3, minor=0)  # a guest from the future
     try:
         assert run([host, guest], 3, lambda: guest.view().link == "refused")
         assert "3.0" in guest.view().reason
@@ -298,7 +298,7 @@ def test_region_unknown_major_refused(region_path):
     guest = RegionGuestLink(region_path, 2, create=True, poll_interval=0.01)
     with open(region_path, "r+b") as f:  # the guest's header, as a v2 guest would write it
         f.seek(40)
-        f.write(b"\x02\x00")
+        f.write(b"\x02\x00\x00\x00")
     guest._header = guest._mm[:128]  # a v2 guest: this is the header it wrote
     host = RegionHostLink(region_path)
     try:

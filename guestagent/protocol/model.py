@@ -15,7 +15,7 @@ from guestagent.sched import NICE_MAX, NICE_MIN, RT_PRIORITY_MAX
 
 PROTOCOL_NAME = "org.guestagent.sched"
 VERSION_MAJOR = 1
-VERSION_MINOR = 0
+VERSION_MINOR = 1  # 1.1: heartbeats carry the epoch; the rules of docs/protocol.md 1.1
 
 CAPACITY_MAX = 1024  # a vCPU with a physical CPU all to itself
 GROUP_MAX = 0xFFFF  # co-location groups are u16; 0 means "no group"
