@@ -185,7 +185,7 @@ class HostRegionSession:
         self._period = heartbeat_period
         self.next_heartbeat = 0.0
         self._watch = HeartbeatWatch(stale_after)
-        self.reason = "region not mapped yet"
+        self.reason = ""  # nothing tried yet: the link maps the file first, or says why not
         self.bad_region = 0  # headers found unusable
         self.broken = ""  # why the region cannot be used now (it shrank); "" while it can
         self._judged = b""  # the header the verdict was given on
