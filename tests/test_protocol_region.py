@@ -98,7 +98,9 @@ CAP = VcpuCapacity(3, 768, 5, 256, AppliedFlag.BOOSTED | AppliedFlag.PINNED, 41)
 
 def test_golden_header():
     assert len(GOLDEN_HEADER_4) == 128
-    assert encode_header(RegionLayout(4)) == GOLDEN_HEADER_4
+    assert encode_header(RegionLayout(4), abi_minor=0) == GOLDEN_HEADER_4  # a 1.0 guest's
+    assert encode_header(RegionLayout(4)) == GOLDEN_HEADER_4[:42] + b"\x01\x00" + \
+        GOLDEN_HEADER_4[44:]  # 1.1: only the minor differs
     header = decode_header(GOLDEN_HEADER_4)
     assert header == RegionHeader(1, 0, RegionLayout(4))
     assert check_layout(header, 768) == RegionLayout(4)
