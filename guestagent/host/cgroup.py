@@ -23,8 +23,9 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from guestagent.host.statefile import remove_durably, write_atomically
 from guestagent.host.undo import ProcessId, StateError
+from guestagent.linux.atomic import remove as remove_durably
+from guestagent.linux.atomic import write_atomically
 
 RUNTIME_FILE = "cpu.rt_runtime_us"
 JOURNAL_NAME = "undo-cgroups.json"
