@@ -166,6 +166,15 @@ def test_host_region_of_random_bytes_says_what_it_is(standin, tmp_path):
                 return ""
         assert wait_for(lambda: reason() not in ("", "region not mapped yet"), 60), reason()
         assert "mapped" not in reason() or "not written" in reason()
+        # The document in the guest's schema style (docs/cli-json.md).
+        doc = run_host("status", "--json", "--status-socket", str(status))
+        doc = _json.loads(doc.stdout)
+        assert doc["schema_version"] == 1
+        assert doc["counters"] == {"apply_failures": 0, "bad_views": 0, "link_errors": 0,
+                                   "rejected_hints": 0}
+        assert [v["vcpu"] for v in doc["vcpus"]] == [0, 1]
+        assert all(isinstance(v["cpus"], list) and all(isinstance(c, int) for c in v["cpus"])
+                   for v in doc["vcpus"])
     finally:
         proc.terminate()
         err = proc.communicate(timeout=30)[1]
@@ -351,3 +360,37 @@ def test_watch_on_a_terminal_fits_survives_restarts_and_quits(agent, tmp_path):
             again.kill()
     finally:
         term.close()
+
+
+def test_host_status_escapes_what_a_guest_chose(tmp_path):
+    """A status socket answering with control characters in every text field (as a
+    guest's reason or a hostile peer might): the table shows them escaped."""
+    import socket as _socket
+    import threading
+
+    doc = {"schema_version": 1, "qemu_pid": 1, "link": "region", "link_state": "refused",
+           "link_reason": "refused guest: \x1b]0;pwn\x07", "guest_state": "run\x1b[2J",
+           "generation": 1, "lease": "none", "lease_remaining": None, "dry_run": False,
+           "counters": {"bad_views": 0}, "vcpus": [{
+               "vcpu": 0, "tid": 5, "hint": {"request": "boost", "class": "fifo",
+                                             "rt_priority": 9, "nice": 0, "flags": [],
+                                             "group": 0},
+               "applied": ["boosted\x9b"], "policy": "fifo\t9", "cpus": [0, 1], "pcpu": 0,
+               "capacity": 10, "host_load": 0}]}
+    path = str(tmp_path / "s.sock")
+    server = _socket.socket(_socket.AF_UNIX)
+    server.bind(path)
+    server.listen(1)
+
+    def answer() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.sendall(json.dumps(doc).encode() + b"\n")
+    t = threading.Thread(target=answer, daemon=True)
+    t.start()
+    proc = run_host("status", "--status-socket", path)
+    server.close()
+    assert proc.returncode == 0, proc.stderr
+    assert_no_controls(proc.stdout)
+    assert "\\x1b]0;pwn\\x07" in proc.stdout and "fifo\\x099" in proc.stdout
+    assert "0-1" in proc.stdout
