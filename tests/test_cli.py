@@ -394,3 +394,66 @@ def test_host_status_escapes_what_a_guest_chose(tmp_path):
     assert_no_controls(proc.stdout)
     assert "\\x1b]0;pwn\\x07" in proc.stdout and "fifo\\x099" in proc.stdout
     assert "0-1" in proc.stdout
+
+
+# --- JSON held to docs/cli-json.md --------------------------------------------------
+
+DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
+                    "cli-json.md")
+
+
+def documented_fields(heading: str) -> set[str]:
+    """The field names of the first table after the line `heading` in docs/cli-json.md."""
+    lines = open(DOCS, encoding="utf-8").read().split("\n")
+    start = lines.index(heading)
+    rows = []
+    for ln in lines[start + 1:]:
+        if ln.startswith("|"):
+            rows.append(ln)
+        elif rows:
+            break
+    names: set[str] = set()
+    for row in rows[2:]:
+        names |= set(re.findall(r"`([a-z_]+)`", row.split("|")[1]))
+    return names
+
+
+@pytest.mark.root
+def test_agent_json_matches_the_docs(agent):
+    status = json.loads(cli_on(agent, "status", "--json").stdout)
+    assert set(status) - {"schema_version"} == documented_fields("## `status`")
+    hints = json.loads(cli_on(agent, "hints", "--json").stdout)
+    assert set(hints) - {"schema_version"} == documented_fields("## `hints`")
+    for h in hints["vcpus"]:
+        assert set(h) - {"wanted", "held_until_s"} == \
+            documented_fields("*hint*:") - {"wanted", "held_until_s"}
+        assert set(h["flags"]) <= {"critical_irq", "pinned_critical", "latency_sleeper", "idle"}
+    capacity = json.loads(cli_on(agent, "capacity", "--json").stdout)
+    assert set(capacity) - {"schema_version"} == documented_fields("## `capacity`")
+
+
+def test_host_json_matches_the_docs():
+    """A peer's document, built by the peer's own code from a plan with one boost."""
+    from guestagent.host.decide import Plan, VcpuPlan
+    from guestagent.host.settings import ThreadSettings
+    from guestagent.host.status import PeerSnapshot, status_document
+    from guestagent.protocol.model import AppliedFlag, HintFlag, Request, SchedClass, VcpuHint
+
+    settings = ThreadSettings(os.SCHED_FIFO, 30, 0, frozenset({0, 1}))
+    hint = VcpuHint(0, Request.BOOST, SchedClass.FIFO, 30, 0, HintFlag.CRITICAL_IRQ, 0)
+    plan = Plan({0: VcpuPlan(0, settings, AppliedFlag.BOOSTED, hint)})
+    doc = status_document(PeerSnapshot(
+        pid=1, link="region", guest_state="running", generation=1, plan=plan,
+        current={0: settings}, tids={0: 5}, published={}, counters={}, dry_run=False,
+        now=0.0))
+    assert set(doc) == documented_fields(
+        "# `guestagent-host status --json`: the host peer's state")
+    assert doc["schema_version"] == 1
+    assert doc["counters"] == {"apply_failures": 0, "bad_views": 0, "link_errors": 0,
+                               "rejected_hints": 0}
+    (v,) = doc["vcpus"]
+    assert set(v) == documented_fields("*host vcpu*:")
+    assert v["cpus"] == [0, 1] and v["applied"] == ["boosted"]
+    assert v["hint"]["flags"] == ["critical_irq"]
+    assert set(v["hint"]) == documented_fields("*hint*:") - {"vcpu", "reasons", "wanted",
+                                                             "held_until_s"}
