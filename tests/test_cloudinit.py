@@ -132,3 +132,58 @@ def test_user_data_embeds_any_config_text_exactly(text, source):
     assert doc["write_files"][0]["content"] == text
     assert doc["runcmd"][0] == ["systemctl", "enable", "guestagent.service"]
 
+
+
+def test_absent_default_config_is_not_claimed():
+    if Path("/etc/guestagent/guestagent.toml").exists():
+        pytest.skip("/etc/guestagent/guestagent.toml exists here; this test needs it absent")
+    head = guestagent("cloud-init").stdout.splitlines()[1]
+    assert "built-in defaults" in head and "does not exist" in head
+    assert "configuration from /etc/guestagent/guestagent.toml." not in head
+
+
+@needs_cloud_init
+@pytest.mark.parametrize("flags, check", [
+    (("--apt-source", "deb https://pkgs.example.org/debian stable main"),
+     lambda d: d["apt"]["sources"]["guestagent.list"]["source"]
+     == "deb https://pkgs.example.org/debian stable main" and "key" not in
+     d["apt"]["sources"]["guestagent.list"]),
+    (("--yum-baseurl", "https://pkgs.example.org/el9", "--repo-key",
+      "https://pkgs.example.org/key.asc"),
+     lambda d: d["yum_repos"]["guestagent"] == {
+         "name": "guestagent", "baseurl": "https://pkgs.example.org/el9", "enabled": True,
+         "gpgcheck": True, "gpgkey": "https://pkgs.example.org/key.asc"}),
+])
+def test_package_source_option_is_valid_cloud_config(tmp_path, flags, check):
+    proc = guestagent("cloud-init", "--config", str(EXAMPLE), *flags)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "ud.yaml"
+    out.write_text(proc.stdout)
+    assert schema_check(out).returncode == 0, schema_check(out).stdout
+    doc = yaml.safe_load(proc.stdout)
+    assert check(doc) and doc["packages"] == ["guestagent"]
+
+
+def test_apt_key_file_is_embedded(tmp_path):
+    key = tmp_path / "key.asc"
+    key.write_text("-----BEGIN PGP PUBLIC KEY BLOCK-----\n\nmQINBF\n"
+                   "-----END PGP PUBLIC KEY BLOCK-----\n")
+    proc = guestagent("cloud-init", "--config", str(EXAMPLE), "--apt-source",
+                      "deb [signed-by=$KEY_FILE] https://x/debian stable main",
+                      "--repo-key", str(key))
+    assert proc.returncode == 0, proc.stderr
+    assert yaml.safe_load(proc.stdout)["apt"]["sources"]["guestagent.list"]["key"] == \
+        key.read_text()
+
+
+@pytest.mark.parametrize("flags, words", [
+    (("--apt-source", "https://x stable main"), "sources.list line"),
+    (("--yum-baseurl", "pkgs.example.org"), "expected a URL"),
+    (("--repo-key", "k.asc"), "needs --apt-source or --yum-baseurl"),
+    (("--installed", "--apt-source", "deb https://x s m"), "installs nothing"),
+    (("--apt-source", "deb https://x s m\nruncmd: [x]"), "one printable line"),
+])
+def test_package_source_errors_are_one_line(flags, words):
+    proc = guestagent("cloud-init", "--config", str(EXAMPLE), *flags)
+    assert proc.returncode == 1 and words in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1

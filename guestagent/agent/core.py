@@ -280,7 +280,8 @@ class AgentCore:
                 acked_generation=view.acked_generation,
                 reason=view.reason,
                 errors={k: v for k, v in dataclasses.asdict(view.errors).items() if v})
-            if view.last_heard is not None:  # absent for a host never heard
+            # Absent for a host never heard: the link's watch starts its clock at open.
+            if view.last_heard is not None and transport["host_state"] != "absent":
                 transport["host_heard_s"] = round(now - view.last_heard, 3)
         return {
             "schema_version": SCHEMA_VERSION, "version": __version__, "pid": os.getpid(),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import dataclass
 
 PACKAGE = "guestagent"
 UNIT = "guestagent.service"
@@ -28,7 +29,54 @@ def register(sub: argparse._SubParsersAction) -> None:
                              "/etc/guestagent/guestagent.toml; the defaults if it is absent)")
     parser.add_argument("--installed", action="store_true",
                         help="for images that already contain the package: do not install it")
+    repo = parser.add_mutually_exclusive_group()
+    repo.add_argument("--apt-source", metavar="LINE",
+                      help="add this apt source before installing, for example "
+                           "\"deb https://pkgs.example.org/debian stable main\"")
+    repo.add_argument("--yum-baseurl", metavar="URL",
+                      help="add a yum/dnf repository with this baseurl before installing")
+    parser.add_argument("--repo-key", metavar="FILE|URL",
+                        help="the repository's signing key: an ASCII-armored key FILE "
+                             "(apt, embedded) or the key's URL (yum gpgkey)")
     parser.set_defaults(func=run)
+
+
+@dataclass(frozen=True)
+class PackageSource:
+    """Where the guest finds the package: an apt source line or a yum baseurl."""
+
+    apt_source: str = ""
+    apt_key: str = ""  # ASCII-armored key text
+    yum_baseurl: str = ""
+    yum_gpgkey: str = ""  # URL
+
+
+def package_source(args: argparse.Namespace) -> PackageSource | None:
+    from guestagent.errors import GuestagentError
+
+    if args.installed and (args.apt_source or args.yum_baseurl):
+        raise GuestagentError("--installed installs nothing: a package source makes no sense")
+    for value in (args.apt_source, args.yum_baseurl, args.repo_key):
+        if value and not value.isprintable():
+            raise GuestagentError(f"{one_line(value)!r}: one printable line expected")
+    if args.apt_source:
+        if not args.apt_source.startswith(("deb ", "deb [")):
+            raise GuestagentError(f"--apt-source {args.apt_source!r}: expected a sources.list "
+                                  "line, \"deb URL SUITE COMPONENT\"")
+        key = ""
+        if args.repo_key:
+            with open(args.repo_key, encoding="ascii") as f:
+                key = f.read()
+            if "BEGIN PGP PUBLIC KEY BLOCK" not in key:
+                raise GuestagentError(f"--repo-key {args.repo_key}: not an ASCII-armored key")
+        return PackageSource(apt_source=args.apt_source, apt_key=key)
+    if args.yum_baseurl:
+        if not args.yum_baseurl.startswith(("https://", "http://", "file://")):
+            raise GuestagentError(f"--yum-baseurl {args.yum_baseurl!r}: expected a URL")
+        return PackageSource(yum_baseurl=args.yum_baseurl, yum_gpgkey=args.repo_key or "")
+    if args.repo_key:
+        raise GuestagentError("--repo-key needs --apt-source or --yum-baseurl")
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,7 +84,12 @@ def run(args: argparse.Namespace) -> int:
 
     path = args.config or DEFAULT_PATH
     text = read_config_text(path, missing_ok=args.config is None)
-    print(user_data(text, source=path, install=not args.installed), end="")
+    if args.config is None and not os.path.lexists(path):
+        source = f"the built-in defaults ({path} does not exist here)"
+    else:
+        source = path
+    print(user_data(text, source=source, install=not args.installed,
+                    repo=package_source(args)), end="")
     return 0
 
 
@@ -55,13 +108,34 @@ def read_config_text(path: str, missing_ok: bool) -> str:
         return f.read()
 
 
+def repo_lines(repo: PackageSource) -> list[str]:
+    """cloud-config that adds the package source (cloud-init's apt and yum_repos modules)."""
+    if repo.apt_source:
+        lines = ["# The package source (cloud-init's apt module writes it before installing).",
+                 "apt:", "  sources:", "    guestagent.list:",
+                 "      source: " + yaml_quoted(repo.apt_source)]
+        if repo.apt_key:
+            lines.append("      key: " + yaml_text(repo.apt_key, indent=8))
+        return lines
+    lines = ["# The package source (cloud-init's yum_repos module writes it before installing).",
+             "yum_repos:", "  guestagent:", "    name: guestagent",
+             "    baseurl: " + yaml_quoted(repo.yum_baseurl), "    enabled: true",
+             f"    gpgcheck: {'true' if repo.yum_gpgkey else 'false'}"]
+    if repo.yum_gpgkey:
+        lines.append("    gpgkey: " + yaml_quoted(repo.yum_gpgkey))
+    return lines
+
+
 def user_data(config_text: str, source: str, install: bool = True,
-              config_path: str = "/etc/guestagent/guestagent.toml") -> str:
+              config_path: str = "/etc/guestagent/guestagent.toml",
+              repo: PackageSource | None = None) -> str:
     """#cloud-config user-data embedding config_text as the guest's config file."""
     lines = [
         "#cloud-config",
         f"# guestagent: configuration from {one_line(source)}.",
     ]
+    if install and repo is not None:
+        lines += repo_lines(repo)
     if install:
         lines += [
             "# Installs the package, then writes the configuration once the package's",

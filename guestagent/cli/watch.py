@@ -143,6 +143,7 @@ def run_watch(ask: Callable[[str], dict], interval: float, count: int | None,
     term = Terminal(sys.stdin.fileno() if tty and sys.stdin.isatty() else None)
     previous: Docs | None = None
     waiting_said = False
+    since: str | None = None
     shown = 0
     if tty:
         term.open()
@@ -154,17 +155,18 @@ def run_watch(ask: Callable[[str], dict], interval: float, count: int | None,
             except GuestagentError as err:
                 if str(err).startswith("permission denied"):
                     raise
-                line = f"{_clock()}  agent not answering ({err}); waiting for it"
+                since = since or _clock()
+                line = f"{_clock()}  agent not answering since {since}; waiting for it"
                 if tty:
                     width, _ = term.size()
-                    term.draw(fit(escape(line) + "\n(q quits)", width))
+                    term.draw(fit(escape(f"{line} (q quits)\n{err}"), width))
                 elif not waiting_said:
-                    print(escape(line), file=sys.stderr, flush=True)
+                    print(escape(f"{line}: {err}"), file=sys.stderr, flush=True)
                 waiting_said = True
             else:
                 if waiting_said and not tty:
                     print(f"{_clock()}  agent answering again", file=sys.stderr, flush=True)
-                waiting_said = False
+                waiting_said, since = False, None
                 if as_json:
                     print(json.dumps(docs, sort_keys=True), flush=True)
                 elif tty:
