@@ -148,24 +148,25 @@ def run_host(*args):
 
 def test_cli_errors_are_one_line(tmp_path):
     proc = run_host("run", "--qmp", str(tmp_path / "none"), "--status-socket",
-                    str(tmp_path / "s"))
+                    str(tmp_path / "s"), "--channel", str(tmp_path / "c"))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.count("\n") == 1 and "cannot talk QMP" in proc.stderr
     bad = tmp_path / "bad.toml"
     bad.write_text("max_boosted = -1\n")
-    proc = run_host("run", "--config", str(bad), "--pid", "1")
+    proc = run_host("run", "--config", str(bad), "--pid", "1", "--channel", str(tmp_path / "c"))
     assert proc.returncode == 1 and f"{bad}:1: max_boosted" in proc.stderr
     proc = run_host("status", "--status-socket", str(tmp_path / "s"))
     assert proc.returncode == 1 and "no guestagent-host running" in proc.stderr
     proc = run_host("run", "--contend", "x=2")
-    assert proc.returncode == 2 and "VCPU[=CAPACITY]" in proc.stderr
+    assert proc.returncode == 2 and "VCPU=CAPACITY" in proc.stderr
 
 
 def test_cli_run_status_and_sigterm(standin, tmp_path):
     sock = str(tmp_path / "status.sock")
     peer = subprocess.Popen(
         [sys.executable, "-m", "guestagent.host.cli", "run", "--qmp", standin.qmp,
-         "--status-socket", sock, "--contend", "1=100", "--state-dir", str(tmp_path / "state")],
+         "--status-socket", sock, "--contend", "1=100", "--state-dir", str(tmp_path / "state"),
+         "--region", str(tmp_path / "region")],
         stderr=subprocess.PIPE, text=True)
     try:
         for _ in range(100):

@@ -254,12 +254,13 @@ class Agent:
                 host_state=view.host_state.name.lower(),
                 features=flag_names(view.features, type(view.features)),
                 acked_generation=view.acked_generation,
-                host_heard_s=None if view.last_heard is None else round(now - view.last_heard, 3),
                 reason=view.reason,
                 errors={k: v for k, v in dataclasses.asdict(view.errors).items() if v})
+            if view.last_heard is not None:  # absent for a host never heard
+                transport["host_heard_s"] = round(now - view.last_heard, 3)
         return {
             "schema_version": SCHEMA_VERSION, "version": __version__, "pid": os.getpid(),
-            "uptime_s": round(now - self.started, 3), "config": self.config.source,
+            "uptime_s": round(now - self.started, 3), "config": self.config_path,
             "transport": transport, "generation": self.generation,
             "nr_vcpus": self.nr_vcpus, "threads": self.snapshot.nr_threads,
             "threads_of_note": len(self.snapshot.threads),

@@ -12,9 +12,10 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from guestagent import __version__
-from guestagent.cli import dispatch
+from guestagent.cmdline import Parser, dispatch
 from guestagent.errors import GuestagentError
 from guestagent.host.status import DEFAULT_STATUS_SOCKET
+from guestagent.linux.procfs import format_cpulist
 from guestagent.protocol.model import CAPACITY_MAX
 
 DEFAULT_STATE_DIR = "/run/guestagent-host"  # state files of the peers, one per VM
@@ -23,18 +24,46 @@ CONTEND_DEFAULT = 0  # a vCPU named by --contend alone is reported as fully cont
 
 
 def _contend(text: str) -> tuple[int, int]:
-    vcpu, _, cap = text.partition("=")
+    vcpu, eq, cap = text.partition("=")
     try:
-        pair = int(vcpu), int(cap) if cap else CONTEND_DEFAULT
+        pair = int(vcpu), int(cap) if eq else CONTEND_DEFAULT
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected VCPU[=CAPACITY]") from None
-    if pair[0] < 0 or not 0 <= pair[1] <= CAPACITY_MAX:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected VCPU or VCPU=CAPACITY, "
+                                         "whole numbers") from None
+    if pair[0] < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: vCPU numbers start at 0")
+    if not 0 <= pair[1] <= CAPACITY_MAX:
         raise argparse.ArgumentTypeError(f"{text!r}: capacity must be 0..{CAPACITY_MAX}")
     return pair
 
 
+def check_run_args(args: argparse.Namespace) -> None:
+    """What argparse cannot say: a transport is needed, --listen needs --channel."""
+    if args.channel is None and args.region is None:
+        raise GuestagentError("run needs a transport: --channel SOCK (virtio-serial) or "
+                              "--region FILE (ivshmem)")
+    if args.listen and args.channel is None:
+        raise GuestagentError("--listen applies to --channel only")
+    if args.region is not None and os.path.isdir(args.region):
+        raise GuestagentError(f"--region {args.region}: a directory, not a region file "
+                              "(QEMU's memory-backend-file mem-path, under /dev/shm)")
+
+
+def check_against_vm(limits, vcpus: Sequence[int], online: frozenset[int]) -> None:
+    """--contend and pin_cpus must name vCPUs this VM has and CPUs this host has online."""
+    bad = sorted(set(limits.contend) - set(vcpus))
+    if bad:
+        raise GuestagentError(f"--contend {bad[0]}: the VM has vCPUs "
+                              f"{format_cpulist(frozenset(vcpus)) or 'none'}")
+    if limits.pin_cpus is not None:
+        off = sorted(limits.pin_cpus - online)
+        if off:
+            raise GuestagentError(f"pin_cpus: CPU {off[0]} is not online; online CPUs: "
+                                  f"{format_cpulist(online)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="guestagent-host",
         description="Reference host peer: apply a guest's vCPU hints to QEMU's vCPU threads "
                     "within host limits, and publish per-vCPU capacity back.")
@@ -120,12 +149,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from guestagent.host.peer import HostPeer
     from guestagent.host.status import listen
 
+    check_run_args(args)
     limits = load_limits(args.config)
     if args.contend:
         limits = replace(limits, contend={**limits.contend, **dict(args.contend)})
     _require_root(args.dry_run)
     log = _log_to_stderr(args.verbose or args.dry_run)
     pid, threads = discover(args.qmp, args.pid)
+    check_against_vm(limits, [t.vcpu for t in threads], online_cpus())
     pin_cpus = limits.pin_cpus if limits.pin_cpus is not None else frozenset(
         os.sched_getaffinity(0))
     # First undo what a killed peer left, so the originals read next are the real ones.
@@ -146,6 +177,16 @@ def cmd_run(args: argparse.Namespace) -> int:
                 os.unlink(args.status_socket)
             except OSError:
                 pass
+
+
+def online_cpus() -> frozenset[int]:
+    from guestagent.linux.procfs import parse_cpulist
+
+    try:
+        with open("/sys/devices/system/cpu/online", encoding="ascii") as f:
+            return frozenset(parse_cpulist(f.read()))
+    except OSError:
+        return frozenset(os.sched_getaffinity(0))
 
 
 def restore_before_attach(state_dir: str, pid: int, dry_run: bool, log):

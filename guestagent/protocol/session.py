@@ -165,7 +165,7 @@ class HostRegionSession:
         self._period = heartbeat_period
         self.next_heartbeat = 0.0
         self._watch = HeartbeatWatch(stale_after)
-        self.reason = "region not mapped yet"
+        self.reason = ""  # nothing tried yet: the link maps the file first, or says why not
         self.bad_region = 0  # headers found unusable
 
     def _change(self, **changes: object) -> HostControl:

@@ -204,6 +204,7 @@ class RegionHostLink:
             try:
                 self._region = map_region(self.path, HEADER_SIZE)
                 self._backoff.reset()
+                session.reason = "region mapped; the guest has not written it yet"
             except GuestagentError as err:
                 self._io += 1
                 session.reason = str(err)
@@ -221,6 +222,9 @@ class RegionHostLink:
         line = read_line(mm, GUEST_CONTROL_OFFSET)
         if line is None:
             self._busy += 1
+            if not session.control.guest_epoch:  # never accepted: likely not a region at all
+                session.reason = ("the guest's control line never reads whole: not a region "
+                                  "a guest formatted (wrong file?)")
             return
         if session.receive_guest(line, now):
             verdict = session.judge(mm[:_HEADER_BYTES], self._region.size)
