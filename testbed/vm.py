@@ -258,7 +258,7 @@ class GuestConfig:
     hints_port: bool = True  # QEMU listens on hints.sock (server=on,wait=off)
     ivshmem: bool = True
     ivshmem_size: int = 1 << 20
-    boot_timeout: float = 120.0  # TCG on a busy 2-core machine
+    boot_timeout: float = 300.0  # TCG on a busy 2-core machine: 120 s was not enough under load
 
 
 class GuestVM:

@@ -29,7 +29,7 @@ LAYOUT = RegionLayout(2)
 
 def formatted(guest: GuestRegionSession, abi_major: int = 1) -> bytearray:
     buf = bytearray(LAYOUT.region_size)
-    buf[0:128] = encode_header(LAYOUT, abi_major=abi_major)
+    buf[0:128] = encode_header(LAYOUT, abi_major=abi_major, abi_minor=0)
     buf[GUEST_CONTROL_OFFSET:GUEST_CONTROL_OFFSET + 64] = encode_guest_control(guest.control, 2)
     return buf
 
@@ -86,7 +86,7 @@ def test_unknown_major_refused_and_the_guest_sees_it():
     assert not host.accepted and host.bad_region == 1
     assert not guest.receive_host(2, host_line(host, 2), 0.0)  # refused: no capacity read
     assert guest.state(0.0) == LinkState.REFUSED
-    assert guest.reason(LinkState.REFUSED) == "refused by host speaking 1.0"
+    assert guest.reason(LinkState.REFUSED) == "refused by host speaking 1.1"
 
 
 def test_unformatted_header_is_judged_again_later():

@@ -104,8 +104,10 @@ def _check(key: str, value: Any) -> Any:
 KEYS = frozenset(f.name for f in fields(HostLimits))
 
 
-def parse_limits(text: str, path: str = "<config>") -> HostLimits:
-    """Parse a host config file's text; errors name path:line."""
+def parse_limits(text: str, path: str = "<config>",
+                 tables: frozenset[str] = frozenset()) -> HostLimits:
+    """Parse a host config file's text; errors name path:line. Keys in `tables` belong
+    to another reader (the service's [host] table) and are skipped here."""
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
@@ -114,6 +116,8 @@ def parse_limits(text: str, path: str = "<config>") -> HostLimits:
     lines = KeyLines(text)
     values = {}
     for key, raw in doc.items():
+        if key in tables:
+            continue
         try:
             if key not in KEYS:
                 raise ValueError("unknown key")
@@ -123,14 +127,18 @@ def parse_limits(text: str, path: str = "<config>") -> HostLimits:
     return replace(HostLimits(), **values)
 
 
-def load_limits(path: str | None) -> HostLimits:
-    if path is None:
-        return HostLimits()
+def read_config_text(path: str) -> str:
+    """A config file's text; ConfigError (one line) if it cannot be read as UTF-8."""
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
+            return f.read()
     except OSError as err:
         raise ConfigError(f"{path}: {err.strerror or err}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
-    return parse_limits(text, path)
+
+
+def load_limits(path: str | None) -> HostLimits:
+    if path is None:
+        return HostLimits()
+    return parse_limits(read_config_text(path), path)

@@ -24,6 +24,7 @@ from guestagent.protocol.connection import (
     GuestEvent,
     HostConnection,
     HostEvent,
+    Refused,
     Resync,
 )
 from guestagent.protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
@@ -93,7 +94,12 @@ from guestagent.protocol.region import (
     line_seq,
     region_size_for,
 )
-from guestagent.protocol.session import GuestRegionSession, HostRegionSession, layout_to_keep
+from guestagent.protocol.session import (
+    GuestRegionSession,
+    HostRegionSession,
+    layout_to_keep,
+    reformat_problem,
+)
 
 __all__ = [
     # model
@@ -109,12 +115,12 @@ __all__ = [
     "encode_message", "Ack", "Capacity", "CapacityPart", "Error", "Heartbeat", "Hello", "Hints",
     "HintsPart", "Message", "Sync", "SyncAck", "Unknown", "Welcome",
     "BadLine", "Connection", "Counters", "GuestConnection", "GuestEvent", "HostConnection",
-    "HostEvent", "Resync",
+    "HostEvent", "Refused", "Resync",
     # region
     "GUEST_CONTROL_OFFSET", "HEADER_SIZE", "HOST_CONTROL_OFFSET", "MAGIC", "SLOT_SIZE",
     "GuestControl", "HostControl", "RegionHeader", "RegionLayout", "Verdict", "check_layout",
     "decode_guest_control", "decode_guest_slot", "decode_header", "decode_host_control",
     "decode_host_slot", "encode_guest_control", "encode_guest_slot", "encode_header",
     "encode_host_control", "encode_host_slot", "line_seq", "region_size_for",
-    "GuestRegionSession", "HostRegionSession", "layout_to_keep",
+    "GuestRegionSession", "HostRegionSession", "layout_to_keep", "reformat_problem",
 ]

@@ -43,6 +43,7 @@ MAX_LINE = 65536  # bytes per line, the newline included
 RESET = b"\xff"  # never valid in UTF-8, so never inside a line: resets the parser
 ENTRIES_PER_PART = 1024  # keeps the worst-case hints/capacity line near 32 KiB
 U64_MAX = (1 << 64) - 1
+U32_MAX = (1 << 32) - 1
 _TEXT_MAX = 1024  # longest error code/message/reason kept
 
 
@@ -169,7 +170,10 @@ def encode_message(msg: Message | Hints | Capacity) -> bytes:
     if isinstance(msg, Ack):
         return _line({"type": "ack", "generation": msg.generation})
     if isinstance(msg, Heartbeat):
-        return _line({"type": "heartbeat", "seq": msg.seq, "state": int(msg.state)})
+        beat = {"type": "heartbeat", "seq": msg.seq, "state": int(msg.state)}
+        if msg.epoch:  # 1.1; a 1.0 peer ignores the field
+            beat["epoch"] = msg.epoch
+        return _line(beat)
     if isinstance(msg, Error):
         return _line({"type": "error", "code": msg.code, "message": msg.message})
     if isinstance(msg, Sync):
@@ -233,12 +237,14 @@ def _table_header(obj: dict) -> tuple[int, int, int, list]:
 
 
 def _entries(vcpus: list, nr: int, width: int) -> list[list[int]]:
+    """Rows of integers of any size: each field's decoder clamps or rejects."""
     seen = set()
     rows = []
     for entry in vcpus:
-        if not isinstance(entry, list) or len(entry) < width:
+        if not isinstance(entry, list) or len(entry) < width or \
+                any(type(x) is not int for x in entry[:width]):
             raise RemoteProtocolError(f"vcpus entry is not a list of {width} integers")
-        row = [_check_int(x, "vcpus", -(1 << 63), U64_MAX) for x in entry[:width]]
+        row = entry[:width]
         if not 0 <= row[0] < nr:
             raise RemoteProtocolError(f"vCPU index {row[0]} outside 0..{nr - 1}")
         if row[0] in seen:
@@ -250,7 +256,10 @@ def _entries(vcpus: list, nr: int, width: int) -> list[list[int]]:
 
 def _decode_hints(obj: dict) -> HintsPart:
     nr, index, parts, vcpus = _table_header(obj)
-    hints = tuple(make_hint(*row) for row in _entries(vcpus, nr, 7))
+    rows = _entries(vcpus, nr, 7)
+    for row in rows:
+        _check_int(row[5], "flags", 0, U32_MAX)
+    hints = tuple(make_hint(*row) for row in rows)
     return HintsPart(_int(obj, "generation"), nr, index, parts, hints)
 
 
@@ -258,8 +267,9 @@ def _decode_capacity(obj: dict) -> CapacityPart:
     nr, index, parts, vcpus = _table_header(obj)
     caps = []
     for row in _entries(vcpus, nr, 6):
-        caps.append(make_capacity(row[0], row[1], min(row[2], 0x7FFFFFFF), row[3], row[4],
-                                  row[5]))
+        _check_int(row[4], "applied", 0, U32_MAX)
+        _check_int(row[5], "acked_generation", 0, U64_MAX)
+        caps.append(make_capacity(*row))
     return CapacityPart(_int(obj, "seq"), nr, index, parts, tuple(caps))
 
 
@@ -287,7 +297,7 @@ def decode_line(line: bytes) -> Message:
     if kind == "capacity":
         return _decode_capacity(obj)
     if kind == "heartbeat":
-        return Heartbeat(_int(obj, "seq"), _decode_state(obj))
+        return Heartbeat(_int(obj, "seq"), _decode_state(obj), _int(obj, "epoch", default=0))
     if kind == "ack":
         return Ack(_int(obj, "generation"))
     if kind == "sync":

@@ -243,7 +243,7 @@ def encode_host_slot(cap: VcpuCapacity, seq: int = 0) -> bytes:
     c = make_capacity(cap.vcpu, cap.capacity, cap.pcpu, cap.host_load, int(cap.applied),
                       cap.acked_generation)
     return _HOST_SLOT.pack(seq & 0xFFFFFFFF, c.capacity, c.host_load,
-                           min(c.pcpu, 0x7FFFFFFF), int(c.applied), c.acked_generation & U64)
+                           c.pcpu, int(c.applied), c.acked_generation & U64)
 
 
 def decode_host_slot(vcpu: int, line: bytes) -> VcpuCapacity:

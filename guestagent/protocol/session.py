@@ -26,6 +26,7 @@ from guestagent.protocol.model import (
 )
 from guestagent.protocol.negotiation import negotiate
 from guestagent.protocol.region import (
+    MAGIC,
     GuestControl,
     HostControl,
     RegionLayout,
@@ -36,6 +37,14 @@ from guestagent.protocol.region import (
     decode_host_control,
     decode_host_slot,
 )
+
+
+def reformat_problem(header: bytes) -> str | None:
+    """While running: why the guest must not re-format a region whose header changed
+    under it (another protocol's magic: never overwritten), or None if it may."""
+    if header[0:8] in (bytes(8), MAGIC):
+        return None
+    return f"region was taken over (magic {header[0:8]!r}): not overwritten"
 
 
 def layout_to_keep(header: bytes, mapped_size: int, nr_vcpus: int) -> RegionLayout | None:
@@ -67,6 +76,15 @@ class GuestRegionSession:
         self._watch = HeartbeatWatch(stale_after)
         self.capacity: tuple[VcpuCapacity, ...] | None = None
         self.capacity_at: float | None = None
+        self.broken = ""  # why the region cannot be used now; "" while it can
+
+    def restart(self, epoch: int) -> GuestControl:
+        """The region is re-formatted: a new epoch, and nothing known of the host."""
+        self.host, self._host_seq = HostControl(), None
+        self.capacity = self.capacity_at = None
+        self._watch.forget()
+        self.broken = ""
+        return self._change(epoch=epoch, heartbeat=0)
 
     def _change(self, **changes: object) -> GuestControl:
         self.control = dataclasses.replace(self.control, **changes)  # type: ignore[arg-type]
@@ -125,7 +143,7 @@ class GuestRegionSession:
 
     def state(self, now: float) -> LinkState:
         h = self.host
-        if h.epoch == 0 or h.state == PeerState.ABSENT or self._watch.stale(now):
+        if self.broken or h.epoch == 0 or h.state == PeerState.ABSENT or self._watch.stale(now):
             return LinkState.DOWN
         if h.guest_epoch != self.control.epoch:
             return LinkState.NEGOTIATING
@@ -133,6 +151,8 @@ class GuestRegionSession:
                 Verdict.REFUSED: LinkState.REFUSED}.get(h.verdict, LinkState.NEGOTIATING)
 
     def reason(self, state: LinkState) -> str:
+        if self.broken:
+            return self.broken
         if state == LinkState.DOWN:
             return "host not heard"
         if state == LinkState.REFUSED:
@@ -167,6 +187,8 @@ class HostRegionSession:
         self._watch = HeartbeatWatch(stale_after)
         self.reason = ""  # nothing tried yet: the link maps the file first, or says why not
         self.bad_region = 0  # headers found unusable
+        self.broken = ""  # why the region cannot be used now (it shrank); "" while it can
+        self._judged = b""  # the header the verdict was given on
 
     def _change(self, **changes: object) -> HostControl:
         self.control = dataclasses.replace(self.control, **changes)  # type: ignore[arg-type]
@@ -209,8 +231,28 @@ class HostRegionSession:
         outcome = negotiate(PROTOCOL_NAME, parsed.abi_major, parsed.abi_minor, guest.features,
                             self._offered)
         self.layout, self.in_use, self.reason = lay, outcome.features, ""
+        self._judged = bytes(header)
         self._change(verdict=Verdict.ACCEPTED, guest_epoch=guest.epoch, acked_generation=0)
         return Verdict.ACCEPTED
+
+    def check_header(self, header: bytes) -> bool:
+        """At every heartbeat: the header must still be the one accepted. If it is not
+        (zeroed, another magic or major, re-formatted), forget the guest: nothing is
+        written until a guest epoch is judged again. True if it still holds."""
+        if not self.accepted or header == self._judged:
+            return True
+        self.bad_region += 1
+        try:
+            decode_header(header)
+            why = "region header changed"
+        except RemoteProtocolError as err:
+            why = str(err)
+        self.reason = f"{why}: waiting for the guest to format it again"
+        self.layout, self.in_use, self._judged = None, Feature.NONE, b""
+        self.generation, self.hints = 0, ()
+        self._watch.forget()
+        self._change(verdict=Verdict.NONE, guest_epoch=0, acked_generation=0)
+        return False
 
     def wants_hints(self, now: float) -> bool:
         """After receive_guest() (and judge(), if it asked): take the candidate as the
@@ -248,7 +290,7 @@ class HostRegionSession:
         return self._watch.last_change
 
     def state(self, now: float) -> LinkState:
-        if self.guest.epoch == 0 or self.control.guest_epoch == 0:
+        if self.broken or self.guest.epoch == 0 or self.control.guest_epoch == 0:
             return LinkState.DOWN
         if self.control.verdict == Verdict.REFUSED:
             return LinkState.REFUSED

@@ -15,6 +15,7 @@ from guestagent.protocol import (
     HeartbeatWatch,
     HostConnection,
     LinkState,
+    Refused,
     Resync,
     encode_message,
 )
@@ -36,6 +37,7 @@ from guestagent.protocol.model import (
     VcpuHint,
 )
 from guestagent.transport import stream
+from guestagent.transport.complaints import Complaints
 from guestagent.transport.link import (
     ALL_FEATURES,
     Backoff,
@@ -57,6 +59,9 @@ class _ChannelEnd:
 
     def __init__(self, conn: Connection, heartbeat_period: float, stale_after: float) -> None:
         self.conn = conn
+        self.complain = Complaints("channel")
+        self._stale_after = stale_after
+        self._synced_at = 0.0  # when our last sync was sent
         self._fd: int | None = None
         self._sock: socket.socket | None = None
         self._parked = False  # port open but its host end closed (POLLHUP)
@@ -109,12 +114,20 @@ class _ChannelEnd:
             self._retry_at = None
             self._reopen(now)
         if self._fd is not None and not self._parked:
+            if self.conn.awaiting_sync_ack and now - self._synced_at > self._stale_after:
+                # our sync (or its ack) was lost: ask again rather than wait forever
+                self.complain("no-sync-ack", f"no sync-ack within {self._stale_after:g} s; "
+                              "syncing again", now)
+                self.conn.resync()
+                self._synced_at = now
             if now >= self._next_heartbeat and self.conn.allows(Heartbeat):
                 self._heartbeat(now)
             self._flush(now)
         deadlines = [d for d in (self._retry_at,) if d is not None]
         if self._fd is not None and not self._parked:
             deadlines.append(self._next_heartbeat)
+            if self.conn.awaiting_sync_ack:
+                deadlines.append(self._synced_at + self._stale_after)
             if self._sending or self._coalesced:
                 deadlines.append(now + FLUSH_RETRY)
         return min(deadlines) if deadlines else None
@@ -133,7 +146,8 @@ class _ChannelEnd:
 
     def _heartbeat(self, now: float) -> None:
         self._hb_seq += 1
-        self._coalesced["heartbeat"] = self.conn.encode(Heartbeat(self._hb_seq, self.state))
+        self._coalesced["heartbeat"] = self.conn.encode(Heartbeat(self._hb_seq, self.state,
+                                                                  self.conn.epoch))
         self._next_heartbeat = now + self._period
 
     def _flush(self, now: float) -> None:
@@ -164,6 +178,7 @@ class _ChannelEnd:
         self._sending.clear()
         self._coalesced.clear()
         self.conn.connect()
+        self._synced_at = now
         self._next_heartbeat = now
         self._flush(now)
 
@@ -199,11 +214,13 @@ class _ChannelEnd:
     def _dispatch(self, events: list, now: float) -> None:
         for event in events:
             if isinstance(event, BadLine):
+                self.complain(event.kind, event.reason, now)
                 continue
             self._watch.heard(now)
             if isinstance(event, Error):
                 self._peer_errors += 1
                 self._reason = f"peer error {event.code}: {event.message}"[:200]
+                self.complain("peer-error", self._reason, now)
             self._event(event, now)
 
     def _errors(self) -> LinkErrors:
@@ -309,6 +326,10 @@ class ChannelGuestLink(_ChannelEnd):
                     self._queue("table", Hints, self._table)
             else:
                 self._reason = f"refused by host: {event.reason}"
+                self.complain("refused", self._reason, now)
+        elif isinstance(event, Refused):
+            self._reason = f"refusing host: {event.reason}"
+            self.complain("refused", self._reason, now)
         elif isinstance(event, Heartbeat):
             self._host_state = event.state
         elif isinstance(event, Capacity):

@@ -36,8 +36,10 @@ from guestagent.protocol import (
     encode_host_slot,
     layout_to_keep,
     line_seq,
+    reformat_problem,
     region_size_for,
 )
+from guestagent.transport.complaints import Complaints
 from guestagent.transport.link import (
     ALL_FEATURES,
     Backoff,
@@ -52,11 +54,12 @@ from guestagent.transport.seqlock import read_line, write_line
 _HEADER_BYTES = 128  # the static header: what sessions judge
 
 
-def map_region(path: str, min_size: int, create_size: int | None = None) -> MappedRegion:
+def map_region(path: str, min_size: int, create_size: int | None = None,
+               lock: bool = False) -> MappedRegion:
     """'ivshmem' or 'ivshmem:<PCI address>' for the device, anything else is a file."""
     if path == "ivshmem" or path.startswith("ivshmem:"):
-        return map_ivshmem(path.partition(":")[2] or None, min_size=min_size)
-    return map_file(path, size=create_size, min_size=min_size)
+        return map_ivshmem(path.partition(":")[2] or None, min_size=min_size, lock=lock)
+    return map_file(path, size=create_size, min_size=min_size, lock=lock)
 
 
 class RegionGuestLink:
@@ -69,13 +72,18 @@ class RegionGuestLink:
                  heartbeat_period: float = HEARTBEAT_PERIOD,
                  stale_after: float = STALE_AFTER) -> None:
         size = region_size_for(nr_vcpus)
-        self._region = map_region(path, size, size if create else None)
+        # the guest locks its region: a second agent would overwrite the first one's hints
+        self._region = map_region(path, size, size if create else None, lock=True)
         self._mm = self._region.mm
         self._session = GuestRegionSession(features, epoch or new_epoch(), nr_vcpus,
                                            heartbeat_period, stale_after)
-        self._layout = self._attach(nr_vcpus)
+        self.complain = Complaints("region")
+        self._hints: Sequence[VcpuHint] = tuple(VcpuHint(i) for i in range(nr_vcpus))
         self._written: list[VcpuHint | None] = [None] * nr_vcpus
-        self.publish([VcpuHint(i) for i in range(nr_vcpus)], 0, 0.0)
+        self._layout = self._attach(nr_vcpus)
+        self._header = bytes(self._mm[:_HEADER_BYTES])  # what every heartbeat checks
+        self._blocked = False  # the mapping could not be touched at the last look
+        self.publish(self._hints, 0, 0.0)
         self._poll = poll_interval
         self._busy = 0
         self._now = 0.0
@@ -90,28 +98,58 @@ class RegionGuestLink:
             raise GuestagentError(f"{self._region.source}: {err}") from None
         if kept is not None:
             return kept
-        lay = RegionLayout(nr_vcpus)
+        return self._format(RegionLayout(nr_vcpus))
+
+    def _format(self, lay: RegionLayout) -> RegionLayout:
+        """Zero and format the region, with the current hints in their slots."""
         # magic first to zero and last to set: no reader sees a half-written header
         self._mm[0:8] = bytes(8)
         self._mm[8:lay.region_size] = bytes(lay.region_size - 8)
         self._mm[8:_HEADER_BYTES] = encode_header(lay)[8:]
+        generation = self._session.control.generation
+        for i, hint in enumerate(self._hints):
+            if hint != VcpuHint(i):  # zeroed slots already read as neutral
+                write_line(self._mm, lay.guest_slot(i), encode_guest_slot(hint, generation))
+            self._written[i] = hint
         self._write_control(self._session.control)
         self._mm[0:8] = MAGIC
         return lay
 
-    def fileno(self) -> int | None:
-        return None
+    def _revalidate(self, now: float) -> None:
+        """At every heartbeat: the header must be the one this guest wrote (or kept).
+        If not, re-format with a new epoch: the host judges it afresh."""
+        if self._mm[:_HEADER_BYTES] == self._header:
+            return
+        self.complain("bad-header", "region header changed under the guest; formatting it "
+                      "again with a new epoch", now)
+        self._session.restart(new_epoch())
+        self._format(self._layout)
+        self._header = bytes(self._mm[:_HEADER_BYTES])
 
-    def on_readable(self, now: float) -> None:
-        self._now = now
-
-    def _write_control(self, ctl: GuestControl) -> None:
-        write_line(self._mm, GUEST_CONTROL_OFFSET, encode_guest_control(ctl))
+    def _usable(self, now: float) -> bool:
+        """Whether the mapping may be touched now: not while the file is shorter than
+        the mapping (a SIGBUS), nor written while another protocol's magic is in it."""
+        problem = self._region.shrunk() or reformat_problem(self._mm[:8])
+        if problem is not None:
+            if problem != self._session.broken:
+                self.complain("bad-region", problem, now)
+            self._session.broken, self._blocked = problem, True
+            return False
+        self._session.broken = ""
+        if self._blocked:  # whole again, but what is in the slots now is unknown
+            self._blocked = False
+            self._written = [None] * self._layout.nr_vcpus
+            self.publish(self._hints, self._session.control.generation, now)
+        return True
 
     def publish(self, hints: Sequence[VcpuHint], generation: int, now: float) -> None:
         if len(hints) != self._layout.nr_vcpus:
             raise GuestagentError(f"{len(hints)} hints for a region of "
                                   f"{self._layout.nr_vcpus} vCPUs")
+        self._hints = hints
+        if not self._usable(now):
+            self._session.published(generation)  # written once the region is whole
+            return
         for i, hint in enumerate(hints):
             # Identity first: unchanged hints are the same objects, and a
             # dataclass comparison costs a microsecond per slot.
@@ -123,20 +161,34 @@ class RegionGuestLink:
         self._write_control(self._session.published(generation))
 
     def set_state(self, state: PeerState, now: float) -> None:
-        self._write_control(self._session.set_state(state))
+        ctl = self._session.set_state(state)
+        if self._usable(now):
+            self._write_control(ctl)
 
     def tick(self, now: float) -> float | None:
         self._now = now
         session = self._session
         ctl = session.heartbeat(now)
+        if not self._usable(now):
+            return min(now + self._poll, session.next_heartbeat)
         if ctl is not None:
-            self._write_control(ctl)
+            self._revalidate(now)
+            self._write_control(session.control)
         line = read_line(self._mm, HOST_CONTROL_OFFSET)
         if line is None:
             self._busy += 1
         elif session.receive_host(line_seq(line), line, now):
             session.receive_capacity(self._read_capacity(), now)
         return min(now + self._poll, session.next_heartbeat)
+
+    def fileno(self) -> int | None:
+        return None
+
+    def on_readable(self, now: float) -> None:
+        self._now = now
+
+    def _write_control(self, ctl: GuestControl) -> None:
+        write_line(self._mm, GUEST_CONTROL_OFFSET, encode_guest_control(ctl))
 
     def _read_capacity(self) -> list[bytes] | None:
         lines = []
@@ -179,6 +231,7 @@ class RegionHostLink:
         self._session = HostRegionSession(features, epoch or new_epoch(), heartbeat_period,
                                           stale_after)
         self._written: list[VcpuCapacity | None] = []
+        self.complain = Complaints("region")
         self._poll = poll_interval
         self._backoff = Backoff(1.0, 5.0)
         self._retry_at = 0.0
@@ -210,6 +263,16 @@ class RegionHostLink:
                 session.reason = str(err)
                 self._retry_at = now + self._backoff.next()
                 return self._retry_at
+        problem = self._region.shrunk()
+        if problem is not None:  # touching the mapping now would be a SIGBUS
+            if not session.broken:
+                self.complain("bad-region", problem, now)
+            session.broken = problem
+            return now + max(self._poll, 0.1)
+        session.broken = ""
+        due = now >= session.next_heartbeat
+        if due and not session.check_header(self._region.mm[:_HEADER_BYTES]):
+            self.complain("bad-header", session.reason, now)
         self._poll_guest(now)
         ctl = session.heartbeat(now)
         if ctl is not None:
@@ -259,8 +322,8 @@ class RegionHostLink:
                 self._written[cap.vcpu] = cap
 
     def publish_capacity(self, caps: Sequence[VcpuCapacity], now: float) -> None:
-        if self._region is None or not self._session.accepted:
-            return
+        if self._region is None or not self._session.accepted or self._region.shrunk():
+            return  # (a shrunk file is noticed, and logged, at the next tick)
         self._write_slots(caps)  # slots first, then the control line that announces them
         self._write_control(self._session.acknowledge(caps))
 
@@ -270,7 +333,7 @@ class RegionHostLink:
         up = link == LinkState.UP
         return HostView("region", link, session.guest.state if up else PeerState.ABSENT,
                         session.in_use, session.generation, session.hints, session.last_heard,
-                        "" if up else session.reason or "guest not heard",
+                        "" if up else session.broken or session.reason or "guest not heard",
                         LinkErrors(busy_reads=self._busy, bad_region=session.bad_region,
                                    io_errors=self._io))
 
