@@ -23,8 +23,8 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from guestagent.host.statefile import remove_durably, write_atomically
 from guestagent.host.undo import ProcessId, StateError
+from guestagent.linux.atomic import remove, write_atomically
 
 RUNTIME_FILE = "cpu.rt_runtime_us"
 JOURNAL_NAME = "undo-cgroups.json"
@@ -254,7 +254,7 @@ class CgroupJournal:
         if left:
             write_atomically(self.path, encode_record(self.record))
         else:
-            remove_durably(self.path)
+            remove(self.path)
 
 
 def restore_record(fs: CgroupFs, rec: CgroupRecord) -> list[str]:

@@ -19,7 +19,6 @@ The rest of the file are the per-VM limits (config.py). Errors name file and lin
 
 from __future__ import annotations
 
-import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,9 +26,9 @@ from typing import Any
 from guestagent.errors import ConfigError
 from guestagent.host.arbiter import ArbiterLimits
 from guestagent.host.config import HostLimits, parse_limits, read_config_text
-from guestagent.host.config import _line_of as line_of
 from guestagent.host.dropins import DROPIN_DIR
 from guestagent.host.libvirt import STATUS_DIR
+from guestagent.linux.schema import KeyLines
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -108,9 +107,8 @@ CHECKS = {
 
 def _line_of(text: str, key: str) -> int:
     """The line of `key` in the [host] table (the same name may be a per-VM key above)."""
-    header = re.search(r"^[ \t]*\[host\]", text, re.MULTILINE)
-    start = header.end() if header else 0
-    return text.count("\n", 0, start) + line_of(text[start:], key)
+    lines = KeyLines(text)
+    return lines.table("host") if key == "host" else lines.key("host", key)
 
 
 def parse_service(text: str, path: str = "<config>") -> ServiceSettings:
