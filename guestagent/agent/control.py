@@ -24,6 +24,7 @@ from guestagent.linux.jsonlines import (
     LineReader,
     LineTooLong,
     SocketInUse,
+    decode_object,
     encode_line,
     peer_credentials,
 )
@@ -150,11 +151,9 @@ def call(path: str, cmd: str, timeout: float = 3.0, **args: Any) -> dict:
         raise GuestagentError(f"the agent sent a reply over {MAX_RESPONSE} bytes on {path}") \
             from None
     try:
-        response = json.loads(data)
+        response = decode_object(data)
     except ValueError:
         raise GuestagentError(f"the agent sent a malformed reply on {path}") from None
-    if not isinstance(response, dict):
-        raise GuestagentError(f"the agent sent a malformed reply on {path}")
     if not response.get("ok", False):
         raise GuestagentError(str(response.get("error", "request failed")))
     return response

@@ -33,8 +33,6 @@ def setup_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # pyroute2 logs every netlink message at debug level: keep it out of ours.
-    logging.getLogger("pyroute2").setLevel(logging.WARNING)
 
 
 def _config(args: argparse.Namespace):

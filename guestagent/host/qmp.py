@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
 from guestagent.errors import GuestagentError
-from guestagent.linux.jsonlines import JsonLineClient, LineTooLong
+from guestagent.linux.jsonlines import JsonLineClient, LineTooLong, NotAnObject, decode_object
 
 MAX_REPLY = 1 << 20  # a query-cpus-fast reply for hundreds of vCPUs fits easily
 
@@ -61,12 +60,11 @@ class QmpClient:
         if line is None:
             raise GuestagentError(f"{self.path}: QMP connection closed")
         try:
-            msg = json.loads(line)
+            return decode_object(line)
+        except NotAnObject:
+            raise GuestagentError(f"{self.path}: QMP sent a non-object message") from None
         except ValueError:
             raise GuestagentError(f"{self.path}: QMP sent malformed JSON") from None
-        if not isinstance(msg, dict):
-            raise GuestagentError(f"{self.path}: QMP sent a non-object message")
-        return msg
 
     def close(self) -> None:
         self._conn.close()

@@ -6,7 +6,6 @@ closes it; building and formatting the document are pure.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from guestagent.linux.jsonlines import (
     JsonLineListener,
     LineTooLong,
     SocketInUse,
+    decode_object,
     encode_line,
 )
 from guestagent.linux.procfs import format_cpulist
@@ -172,9 +172,6 @@ def fetch(path: str, timeout: float = 5.0) -> dict[str, Any]:
     except OSError as err:
         raise GuestagentError(f"{path}: {err.strerror or err}") from None
     try:
-        doc = json.loads(line or b"")
+        return decode_object(line or b"")
     except ValueError:
         raise GuestagentError(f"{path}: malformed status document") from None
-    if not isinstance(doc, dict):
-        raise GuestagentError(f"{path}: malformed status document")
-    return doc

@@ -189,6 +189,18 @@ class LineReader:
             self._buf += chunk
 
 
+class NotAnObject(ValueError):
+    """Valid JSON, but not the object every message on these sockets is."""
+
+
+def decode_object(line: bytes) -> dict:
+    """One received line as a JSON object; ValueError (NotAnObject for other JSON) if not."""
+    doc = json.loads(line)
+    if not isinstance(doc, dict):
+        raise NotAnObject("not a JSON object")
+    return doc
+
+
 def encode_line(doc: Any, compact: bool = False) -> bytes:
     if compact:
         return json.dumps(doc, separators=(",", ":")).encode() + b"\n"

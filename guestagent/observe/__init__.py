@@ -1,6 +1,8 @@
 """Observation of the guest: threads, IRQs and vCPUs, as immutable snapshots.
 
-The only package that reads the kernel (through ``kernel.py``). The daemon
+The only package that reads the guest's scheduling state from the kernel
+(through ``kernel.py``; the /proc formats it parses are guestagent.linux.procfs,
+which the host side shares). The daemon
 drives an ``Observer`` from its own event loop: it polls ``fds()``, calls
 ``handle_readable(fd)`` when one is readable, and ``snapshot(now)`` when it
 wants a fresh picture. Nothing here starts threads or sleeps.

@@ -22,7 +22,6 @@ import select
 import socket
 import struct
 from collections.abc import Container, Sequence
-from dataclasses import dataclass
 
 from guestagent.observe.events import ProcEvent, parse_proc_events
 from guestagent.observe.parse import (
@@ -31,25 +30,13 @@ from guestagent.observe.parse import (
     parse_status_cpus,
 )
 from guestagent.observe.schedwatch import SchedWatch
-from guestagent.sched import SCHED_DEADLINE, SCHED_RESET_ON_FORK
+from guestagent.sched import SCHED_RESET_ON_FORK
 from guestagent.transport.uevents import UeventMonitor  # CPU hotplug: the same monitor
 
 GONE = -1  # policy/nice placeholder for a thread that exited mid-sweep
 STAT_FD_CAP = 1024  # stat fds kept open for the threads that matter
 _NR_SCHED_GETATTR = {"x86_64": 315, "aarch64": 275, "riscv64": 275, "ppc64le": 356,
                      "s390x": 346, "i686": 352, "armv7l": 381}
-
-
-@dataclass(frozen=True)
-class SchedDetail:
-    """Scheduling parameters of one thread (ns for the DEADLINE fields)."""
-
-    policy: int
-    rt_priority: int
-    nice: int
-    dl_runtime: int = 0
-    dl_deadline: int = 0
-    dl_period: int = 0
 
 
 NETLINK_CONNECTOR = 11
@@ -175,9 +162,6 @@ class Kernel:
 
     def rt_priorities(self, tids: Sequence[int]) -> list[int]:
         """sched_priority of each thread (0 unless FIFO/RR), GONE for one that exited."""
-        raise NotImplementedError
-
-    def sched_detail(self, tgid: int, tid: int) -> SchedDetail:
         raise NotImplementedError
 
     def stat_reader(self, cap: int = STAT_FD_CAP) -> StatReader:
@@ -307,14 +291,6 @@ class LiveKernel(Kernel):
         except OSError:
             return [_or_gone(lambda t: os.sched_getparam(t).sched_priority, t) for t in tids]
 
-    def sched_detail(self, tgid: int, tid: int) -> SchedDetail:
-        policy = os.sched_getscheduler(tid) & ~SCHED_RESET_ON_FORK
-        prio = os.sched_getparam(tid).sched_priority
-        nice = os.getpriority(os.PRIO_PROCESS, tid)
-        if policy != SCHED_DEADLINE:
-            return SchedDetail(policy, prio, nice)
-        return SchedDetail(policy, prio, nice, *self.deadline(tgid, tid))
-
     def deadline(self, tgid: int, tid: int) -> tuple[int, int, int]:
         attr = self._sched_getattr(tid)
         return attr.sched_runtime, attr.sched_deadline, attr.sched_period
@@ -383,12 +359,6 @@ class RecordedKernel(Kernel):
 
     def rt_priorities(self, tids: Sequence[int]) -> list[int]:
         return [_or_gone(lambda t: self._stat_of(t).rt_priority, t) for t in tids]
-
-    def sched_detail(self, tgid: int, tid: int) -> SchedDetail:
-        st = parse_stat(self.stat(tgid, tid))
-        if st.policy != SCHED_DEADLINE:
-            return SchedDetail(st.policy, st.rt_priority, st.nice)
-        return SchedDetail(st.policy, st.rt_priority, st.nice, *self.deadline(tgid, tid))
 
     def deadline(self, tgid: int, tid: int) -> tuple[int, int, int]:
         return parse_sched_dl(self.read_text(f"/proc/{tgid}/task/{tid}/sched"))

@@ -163,7 +163,7 @@ class ThreadTable:
             try:
                 self.events = kernel.proc_events()
                 self.mode = "events"
-            except Exception as err:  # pyroute2/netlink raise various types; all mean "no"
+            except Exception as err:  # netlink and the connector raise various types; all mean "no"
                 why = getattr(err, "strerror", None) or str(err) or type(err).__name__
                 self._note("connector", f"process events unavailable ({why}): "
                            "finding threads by rescanning /proc each sweep")
