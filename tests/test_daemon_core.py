@@ -144,12 +144,14 @@ def test_a_real_thread_exit_reaches_the_link_after_the_hold_without_a_sweep():
     with Observer() as observer:
         if observer.thread_mode != "events":
             pytest.skip("the process-events connector is unavailable here")
-        # FIFO 37: a priority no other test of this machine gives its threads
-        with sched_thread(os.SCHED_FIFO, 37, comm=b"core-probe", cpus={1}) as rt:
+        # FIFO 97: above what other tests and benchmarks of this machine use
+        with sched_thread(os.SCHED_FIFO, 97, comm=b"core-probe", cpus={1}) as rt:
             core = make_core(observer, config(hold_ms=300), time.monotonic, links)
             core.step(time.monotonic())
             link = links.opened[0]
             assert requests(link.last)[1] == "BOOST", link.published
+            if link.last[1].rt_priority != 97:
+                pytest.skip(f"another thread on vCPU 1 outranks the probe: {link.last[1]}")
             assert probe_behind_vcpu1(core), core.decision
         ended = time.monotonic()  # the thread has been joined: its exit event is queued
 
