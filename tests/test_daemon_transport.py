@@ -24,6 +24,7 @@ pytestmark = pytest.mark.root
 
 
 def config_text(tmp_path, mode="auto", extra=""):
+    (tmp_path / "run").mkdir(exist_ok=True)  # the agent creates no parent directories
     return f"""
 [agent]
 heartbeat_interval_ms = 100

@@ -145,7 +145,7 @@ def test_out_of_range_values_are_clamped_or_defaulted():
     assert hint == VcpuHint(1, Request.NEUTRAL, SchedClass.OTHER, 99, -20, HintFlag(15), 0xFFFF)
     raw = h("00000000 ffff 00f0 feffffff ffffffff") + bytes(48)
     cap = decode_host_slot(2, raw)
-    assert cap == VcpuCapacity(2, 1024, -1, -1, AppliedFlag(63), 0)
+    assert cap == VcpuCapacity(2, 1024, -1, -1, AppliedFlag(127), 0)
     # encoding clamps the same way, so what is written is what will be read
     wild = VcpuHint(0, Request.BOOST, SchedClass.RR, 500, 99, HintFlag.NONE, 0)
     assert decode_guest_slot(0, encode_guest_slot(wild, 1))[0].rt_priority == 99

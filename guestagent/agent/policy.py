@@ -220,7 +220,7 @@ def _lowprio_threads(snapshot) -> dict[int, list[str]]:
 
 def wanted_hints(snapshot, config: Config) -> dict[int, Wanted]:
     """What every vCPU needs right now. vCPUs are 0..max(possible)."""
-    nr_vcpus = max(snapshot.cpus.possible, default=0) + 1
+    nr_vcpus = snapshot.cpus.nr_vcpus
     needs = thread_needs(snapshot, config) + irq_needs(snapshot, config)
     by_vcpu: dict[int, list[Need]] = {}
     for need in needs:

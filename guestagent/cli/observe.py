@@ -54,7 +54,8 @@ def _common(p: argparse.ArgumentParser, interval: bool = False) -> None:
                        "0 for one sweep, rates then show 0)")
 
 
-def _snapshots(args: argparse.Namespace, interest: Callable | None = None):
+def _snapshots(args: argparse.Namespace, interest: Callable | None = None,
+               paths: bool = True):
     """Take the snapshot(s) a view needs; notes go to stderr."""
     from guestagent.errors import GuestagentError
     from guestagent.observe import Observer, RecordedKernel
@@ -66,7 +67,7 @@ def _snapshots(args: argparse.Namespace, interest: Callable | None = None):
         if not os.path.isdir(os.path.join(args.tree, "proc")):
             raise GuestagentError(f"{args.tree} is not a recorded tree (no proc/ inside)")
         kernel = RecordedKernel(args.tree)
-    with Observer(kernel, interest=interest, watch=False) as obs:
+    with Observer(kernel, interest=interest, watch=False, paths=paths) as obs:
         snap = obs.snapshot(time.monotonic())
         _check_cpu(args, snap)
         notes = list(snap.notes)
@@ -142,7 +143,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def cmd_irqs(args: argparse.Namespace) -> int:
-    snap = _snapshots(args)
+    snap = _snapshots(args, paths=False)  # shows no executable paths
     irqs = [i for i in snap.irqs
             if (not args.threaded or i.threads)
             and (args.cpu is None or args.cpu in (i.effective_affinity or i.affinity))]
@@ -166,7 +167,7 @@ def cmd_irqs(args: argparse.Namespace) -> int:
 def cmd_cpus(args: argparse.Namespace) -> int:
     from guestagent.observe import pinned_critical
 
-    snap = _snapshots(args)
+    snap = _snapshots(args, paths=False)  # shows no executable paths
     c = snap.cpus
     pinned = pinned_critical(snap)
     rows = []

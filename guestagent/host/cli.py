@@ -19,6 +19,7 @@ from guestagent.linux.procfs import format_cpulist
 from guestagent.protocol.model import CAPACITY_MAX
 
 DEFAULT_STATE_DIR = "/run/guestagent-host"  # state files of the peers, one per VM
+DEFAULT_SERVICE_CONFIG = "/etc/guestagent-host/guestagent-host.toml"  # for `serve`
 
 CONTEND_DEFAULT = 0  # a vCPU named by --contend alone is reported as fully contended
 
@@ -98,6 +99,26 @@ def build_parser() -> argparse.ArgumentParser:
                                       f"{CONTEND_DEFAULT}) whatever the host load; repeatable")
     run.add_argument("-v", "--verbose", action="store_true", help="log every change")
     run.set_defaults(func=cmd_run)
+
+    serve = sub.add_parser(
+        "serve", help="serve every VM on the host (libvirt and drop-ins) under one arbiter",
+        description="Find every VM: libvirt domains from libvirt's status files, plain QEMU "
+                    "VMs from drop-in files (/etc/guestagent-host/vms.d/NAME.toml). Serve each "
+                    "that has a hints channel or region; list the others. Host-wide caps and "
+                    "boost budgets hold across VMs. On exit every changed thread and cgroup is "
+                    "restored; SIGHUP rescans.")
+    serve.add_argument("--config", metavar="FILE",
+                       help="per-VM limits and a [host] table (TOML; default "
+                            f"{DEFAULT_SERVICE_CONFIG} if it exists, else built-in defaults)")
+    serve.add_argument("--dry-run", action="store_true",
+                       help="log what would change; touch no thread or cgroup")
+    serve.add_argument("--status-socket", metavar="PATH", default=DEFAULT_STATUS_SOCKET,
+                       help=f"where `status` finds the service (default {DEFAULT_STATUS_SOCKET})")
+    serve.add_argument("--state-dir", metavar="DIR", default=DEFAULT_STATE_DIR,
+                       help="where originals of changed threads and cgroups are recorded "
+                            f"(default {DEFAULT_STATE_DIR})")
+    serve.add_argument("-v", "--verbose", action="store_true", help="log every change")
+    serve.set_defaults(func=cmd_serve)
 
     status = sub.add_parser("status", help="show a running peer's per-vCPU state",
                             description="Per vCPU: the guest's hint, the policy applied, the "
@@ -231,6 +252,12 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
     _require_root(args.dry_run)
     outcomes = restore_leftovers(args.state_dir, args.dry_run)
+    if not args.dry_run:
+        # Then the cgroup runtimes a killed `serve` granted: the kernel refuses to take
+        # RT runtime from a cgroup while an RT thread is still in it.
+        from guestagent.host.hostlog import HostLog
+        from guestagent.host.serve import restore_cgroup_leftovers
+        restore_cgroup_leftovers(args.state_dir, HostLog(verbose=True, stream=sys.stdout))
     for outcome in outcomes:
         bad = outcome.result in (REFUSED, INCOMPLETE)
         for line in outcome.lines:
@@ -247,9 +274,25 @@ def cmd_status(args: argparse.Namespace) -> int:
     doc = fetch(args.status_socket)
     if args.json:
         print(json.dumps(doc, indent=2, sort_keys=True))
+    elif doc.get("service"):
+        from guestagent.host.serve import format_service
+        print(format_service(doc))
     else:
         print(format_status(doc))
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from guestagent.host.serve import ServeOptions, serve
+    from guestagent.host.serviceconfig import load_service
+
+    path = args.config
+    if path is None and os.path.exists(DEFAULT_SERVICE_CONFIG):
+        path = DEFAULT_SERVICE_CONFIG
+    settings = load_service(path)
+    _require_root(args.dry_run)
+    return serve(ServeOptions(settings, args.state_dir, args.status_socket, args.dry_run,
+                              args.verbose), restore_before_attach)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,13 +13,15 @@ import signal
 import socket
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any, Callable
 
 from guestagent.host.applier import Log, ThreadApplier
 from guestagent.host.capacity import Sample, capacities, read_sample
 from guestagent.host.config import HostLimits
-from guestagent.host.decide import GuestInput, Plan, decide, initial_plan
+from guestagent.host.decide import GuestInput, Lease, Plan, decide, initial_plan
+from guestagent.host.settings import ThreadSettings
 from guestagent.host.status import PeerSnapshot, answer, flag_names, status_document
 from guestagent.linux.loop import Loop
 from guestagent.protocol.model import AppliedFlag, PeerState, VcpuCapacity, VcpuHint
@@ -51,11 +53,12 @@ class HostPeer:
         self.link = link
         self.log = log
         self.clock = clock
-        self.plan: Plan = initial_plan(applier.originals)
+        self.plan: Plan = initial_plan(self.vcpu_originals)
         self.guest = GuestInput()
         self.generation = 0
         self.published: dict[int, VcpuCapacity] = {}
         self.counters: Counter[str] = Counter()
+        self.clamps: Counter[int] = Counter()  # per vCPU: grants made at less than asked
         self._sample: Sample | None = None  # the newest /proc sample
         self._before: Sample | None = None  # the one a capacity period earlier
         self._acked: tuple[int, dict[int, AppliedFlag]] | None = None  # last published
@@ -72,9 +75,18 @@ class HostPeer:
                 self.log(f"link {what}: {type(err).__name__}: {err}")
             return None
 
+    @property
+    def vcpu_originals(self) -> dict[int, ThreadSettings]:
+        """The vCPU threads' originals: the applier may also hold the emulator thread (< 0)."""
+        return {v: s for v, s in self.applier.originals.items() if v >= 0}
+
     def step(self, now: float) -> float | None:
         """Decide and apply; publish capacity if due. Returns the next deadline."""
-        deadlines: list[float] = []
+        return self.finish_step(self.plan_step(now), now)
+
+    def plan_step(self, now: float) -> Plan:
+        """Read what the guest says and decide; nothing is applied yet (an arbiter may
+        still withhold boosts across VMs before finish_step applies the plan)."""
         if self.link is not None:
             view = self._link_call("view", self.link.view)
             if view is not None:
@@ -84,12 +96,32 @@ class HostPeer:
                 except (AttributeError, TypeError, ValueError) as err:
                     self.counters["bad_views"] += 1
                     self.log(f"link view unusable: {err}")
-        plan = decide(self.guest, self.applier.originals, self.limits, self.pin_cpus,
+        plan = decide(self.guest, self.vcpu_originals, self.limits, self.pin_cpus,
                       self.plan, now)
         self.counters["rejected_hints"] += plan.rejected
         if plan.lease != self.plan.lease:
             self.log(f"lease {plan.lease.value}")
+            if plan.lease == Lease.EXPIRED and self.plan.lease == Lease.HELD:
+                self.counters["lease_expiries"] += 1
+        return plan
+
+    def finish_step(self, plan: Plan, now: float,
+                    others: Mapping[int, ThreadSettings] | None = None) -> float | None:
+        """Apply the plan (and `others`: settings of non-vCPU threads such as the emulator
+        thread), publish capacity if due. Returns the next deadline."""
+        deadlines: list[float] = []
+        for vcpu, p in plan.vcpus.items():
+            before = self.plan.vcpus.get(vcpu)
+            if (p.applied & AppliedFlag.CLAMPED and before is not None
+                    and p.settings != before.settings):
+                self.clamps[vcpu] += 1
         self.plan = self._apply(plan)
+        for index, settings in (others or {}).items():
+            if index in self.applier.originals and index not in self.applier.gone \
+                    and self.applier.current.get(index) != settings:
+                got = self.applier.apply(index, settings)
+                if got is not None:
+                    self.log(f"emulator thread: {got.describe()}")
         if plan.next_deadline is not None:
             deadlines.append(plan.next_deadline)
         if now >= self._next_capacity:

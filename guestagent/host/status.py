@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +18,13 @@ from guestagent.documents import SCHEMA_VERSION, hint_json
 from guestagent.errors import GuestagentError
 from guestagent.host.decide import Plan
 from guestagent.host.settings import ThreadSettings
+from guestagent.linux.jsonlines import (
+    JsonLineClient,
+    JsonLineListener,
+    LineTooLong,
+    SocketInUse,
+    encode_line,
+)
 from guestagent.linux.procfs import format_cpulist
 from guestagent.protocol.model import AppliedFlag, VcpuCapacity
 
@@ -131,64 +137,42 @@ def format_status(doc: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def listen(path: str) -> socket.socket:
+def listen(path: str) -> JsonLineListener:
     """The status socket, non-blocking; a stale socket file from a dead peer is replaced."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        probe.connect(path)
-    except FileNotFoundError:
-        pass
-    except ConnectionRefusedError:
-        os.unlink(path)
-    else:
-        raise GuestagentError(f"{path}: another guestagent-host is already serving status")
-    finally:
-        probe.close()
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(path)
-    os.chmod(path, 0o660)
-    server.listen(8)
-    server.setblocking(False)
-    return server
+        return JsonLineListener(path, "status socket", mode=0o660, backlog=8)
+    except SocketInUse:
+        raise GuestagentError(f"{path}: another guestagent-host is already serving status") \
+            from None
 
 
-def answer(server: socket.socket, doc: Mapping[str, Any]) -> None:
+def answer(server: JsonLineListener, doc: Mapping[str, Any]) -> None:
     """Send the document to one waiting client; a client that misbehaves is dropped."""
-    try:
-        conn, _ = server.accept()
-    except (BlockingIOError, InterruptedError):
+    conn = server.accept()
+    if conn is None:
         return
     with conn:
         conn.settimeout(1.0)
         try:
-            conn.sendall(json.dumps(doc).encode() + b"\n")
+            conn.sendall(encode_line(doc))
         except OSError:
             pass
 
 
 def fetch(path: str, timeout: float = 5.0) -> dict[str, Any]:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        try:
-            sock.connect(path)
-            chunks = []
-            size = 0
-            while True:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                size += len(chunk)
-                if size > MAX_DOCUMENT:
-                    raise GuestagentError(f"{path}: status document too large")
-        except (FileNotFoundError, ConnectionRefusedError):
-            raise GuestagentError(f"{path}: no guestagent-host running "
-                                  "(or give its --status-socket)") from None
-        except OSError as err:
-            raise GuestagentError(f"{path}: {err.strerror or err}") from None
     try:
-        doc = json.loads(b"".join(chunks))
+        with JsonLineClient(path, timeout, MAX_DOCUMENT) as client:
+            line = client.read_line(partial=True)
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise GuestagentError(f"{path}: no guestagent-host running "
+                              "(or give its --status-socket)") from None
+    except LineTooLong:
+        raise GuestagentError(f"{path}: status document too large") from None
+    except OSError as err:
+        raise GuestagentError(f"{path}: {err.strerror or err}") from None
+    try:
+        doc = json.loads(line or b"")
     except ValueError:
         raise GuestagentError(f"{path}: malformed status document") from None
     if not isinstance(doc, dict):

@@ -61,6 +61,7 @@ class AppliedFlag(enum.IntFlag):
     CLAMPED = 1 << 3  # granted at less than asked
     PINNED = 1 << 4  # affinity set for co-location avoidance
     COLOCATED = 1 << 5  # co-location avoidance could not be satisfied
+    BUDGET_SPENT = 1 << 6  # boost budget spent: unboosted (with DENIED) until earned back
 
 
 class Feature(enum.IntFlag):
@@ -120,7 +121,8 @@ STALE_AFTER = 5.0  # reader-side: no heartbeat change for this long means the pe
 HINT_FLAG_MASK = int(HintFlag.CRITICAL_IRQ | HintFlag.PINNED_CRITICAL
                      | HintFlag.LATENCY_SLEEPER | HintFlag.IDLE)
 APPLIED_FLAG_MASK = int(AppliedFlag.BOOSTED | AppliedFlag.THROTTLED | AppliedFlag.DENIED
-                        | AppliedFlag.CLAMPED | AppliedFlag.PINNED | AppliedFlag.COLOCATED)
+                        | AppliedFlag.CLAMPED | AppliedFlag.PINNED | AppliedFlag.COLOCATED
+                        | AppliedFlag.BUDGET_SPENT)
 FEATURE_MASK = int(Feature.CAPACITY | Feature.COLOCATION | Feature.NICE_HINTS
                    | Feature.DEADLINE_HINTS)
 
