@@ -10,15 +10,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from guestagent.display import escape
+
 INTERVAL = 60.0  # seconds between two lines of one kind
 
 log = logging.getLogger("guestagent.transport")
-
-
-def printable(text: str) -> str:
-    """Peer text made safe for a terminal or journal: control characters escaped."""
-    return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" if ord(ch) < 0x100
-                   else f"\\u{ord(ch):04x}" for ch in text)
 
 
 class Complaints:
@@ -40,4 +36,4 @@ class Complaints:
         more = self._since.pop(kind, 0)
         tail = f" ({more} more since the last report)" if more else ""
         self._last[kind] = now
-        self._emit(f"{self.transport}: {kind}: {printable(what)}{tail}")
+        self._emit(f"{self.transport}: {kind}: {escape(what)}{tail}")
