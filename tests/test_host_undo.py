@@ -16,7 +16,7 @@ import threading
 import time
 
 import pytest
-from helpers.hostregion import PERIOD, start_peer, zeroed_region
+from helpers.hostregion import PERIOD, start_peer, status_of, zeroed_region
 from helpers.standin import policy, pump, ticking
 from helpers.waiting import wait_for
 
@@ -118,10 +118,11 @@ def test_new_peer_restores_before_anything_else(standin, tmp_path):
     state = boost_then_sigkill(standin, tmp_path)
     path = state_path(state, process_id(standin.pid))
     assert os.path.exists(path) and policy(t0) == FIFO40
-    peer, _ = start_peer(standin, tmp_path, str(tmp_path / "guestagent-vm1"))
+    peer, status = start_peer(standin, tmp_path, str(tmp_path / "guestagent-vm1"))
     try:
         assert wait_for(lambda: not os.path.exists(path), 8.0)
         assert {t: kernel(t) for t in (t0, t1)} == before
+        status_of(status)  # serving: its signal handling is in place before the SIGTERM
         peer.send_signal(signal.SIGTERM)
         assert peer.wait(10) == 0
         err = peer.stderr.read()
@@ -224,7 +225,7 @@ def test_hostile_state_files_are_refused_and_left_in_place(standin, tmp_path):
 def test_peer_refuses_to_attach_over_its_vms_refused_file(standin, tmp_path):
     state, path = plant(tmp_path, process_id(standin.pid), (), data=b"[]")
     proc = host("run", "--qmp", standin.qmp, "--state-dir", state,
-                "--status-socket", str(tmp_path / "s"))
+                "--channel", str(tmp_path / "hints.sock"), "--status-socket", str(tmp_path / "s"))
     assert proc.returncode == 1 and "resolve it first" in proc.stderr
     assert "refused" in proc.stderr and os.path.exists(path)
 
