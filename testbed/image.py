@@ -36,8 +36,8 @@ from pathlib import Path
 
 from testbed.vm import CTL_PORT, GUEST_CTL
 
-# Bump when the build steps change in a way the recipe below does not show.
-RECIPE_VERSION = 1
+# Bump when the build steps change in a way the recipes below do not show.
+RECIPE_VERSION = 2
 SUITE = "bookworm"
 PACKAGES = (
     "systemd-sysv", "udev", "python3", "python3-pyudev", "cloud-init", "rt-tests",
@@ -47,8 +47,10 @@ ROOT_SIZE = "3G"  # sparse; leaves room for apt to install and upgrade in the gu
 REPO_MOUNT = "/srv/guestagent-repo"
 REPO_LABEL = "garepo"
 CTL_SERVICE = "guestagent-testbed-ctl.service"
+CTL_DIR = "usr/local/lib/guestagent-testbed"
 TOOLS = {"mmdebstrap": "mmdebstrap", "mke2fs": "e2fsprogs",
          "dpkg-scanpackages": "dpkg-dev", "genisoimage": "genisoimage"}
+CHROOT_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 
 CTL_UNIT = f"""\
 [Unit]
@@ -56,7 +58,7 @@ Description=guestagent test harness: command server on {CTL_PORT}
 After=systemd-udevd.service
 
 [Service]
-ExecStart=/usr/bin/python3 /usr/local/lib/guestagent-testbed/guest_ctl.py {CTL_PORT}
+ExecStart=/usr/bin/python3 /{CTL_DIR}/guest_ctl.py {CTL_PORT}
 Restart=always
 RestartSec=1s
 
@@ -70,7 +72,23 @@ LABEL={REPO_LABEL} {REPO_MOUNT} ext4 ro,nofail,x-systemd.device-timeout=10s 0 2
 CLOUD_CFG = """\
 # Test guest: no network, so only the NoCloud seed disk can hold the data.
 datasource_list: [NoCloud, None]
+# minbase generates no locale; C.UTF-8 is built into libc.
+locale: C.UTF-8
 """
+# Files written into the tree (path -> text), and symlinks (path -> target).
+FILES = {
+    f"etc/systemd/system/{CTL_SERVICE}": CTL_UNIT,
+    "etc/fstab": FSTAB,
+    "etc/cloud/cloud.cfg.d/90-guestagent-testbed.cfg": CLOUD_CFG,
+    "etc/hostname": "guestagent-test\n",
+}
+LINKS = {
+    f"etc/systemd/system/multi-user.target.wants/{CTL_SERVICE}":
+        f"/etc/systemd/system/{CTL_SERVICE}",
+    # Timers that would start apt or fstrim in the middle of a test.
+    **{f"etc/systemd/system/{t}.timer": "/dev/null"
+       for t in ("apt-daily", "apt-daily-upgrade", "fstrim", "e2scrub_all")},
+}
 
 
 class ImageError(Exception):
@@ -102,7 +120,7 @@ class Kernel:
 class GuestImage:
     """A built image: the root disk and the kernels whose modules it holds."""
 
-    root: Path  # ext4, boot it as a throwaway overlay (never write to it)
+    root: Path  # ext4; boot it through a throwaway overlay, never write to it
     kernels: tuple[Kernel, ...]
     key: str
 
@@ -128,55 +146,24 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def recipe(mirror: str | None = None) -> dict:
-    """Everything that decides the image's content; its hash is the cache key."""
-    return {"version": RECIPE_VERSION, "suite": SUITE, "packages": list(PACKAGES),
-            "mirror": mirror or os.environ.get("GUESTAGENT_IMAGE_MIRROR", ""),
-            "size": ROOT_SIZE, "ctl_unit": CTL_UNIT, "fstab": FSTAB, "cloud_cfg": CLOUD_CFG,
-            "guest_ctl": hashlib.sha256(GUEST_CTL.read_bytes()).hexdigest()}
-
-
-def recipe_key(spec: dict) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+def _key(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """One builder per cache entry: parallel test runs wait instead of racing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
+def _locked(name: str) -> Iterator[Path]:
+    """The cache entry ``name``, held by one builder: parallel runs wait, not race."""
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f"{name}.lock", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
-        yield
-
-
-def _hooks() -> list[str]:
-    """mmdebstrap customize hooks ("$1" is the new root), run after every package is in."""
-    lib = "/usr/local/lib/guestagent-testbed"
-    return [
-        f'mkdir -p "$1{lib}" "$1{REPO_MOUNT}"',
-        f'copy-in {GUEST_CTL} {lib}',
-        f'printf %s {_sh(CTL_UNIT)} > "$1/etc/systemd/system/{CTL_SERVICE}"',
-        f'ln -sf /etc/systemd/system/{CTL_SERVICE} '
-        f'"$1/etc/systemd/system/multi-user.target.wants/{CTL_SERVICE}"',
-        f'printf %s {_sh(FSTAB)} > "$1/etc/fstab"',
-        f'printf %s {_sh(CLOUD_CFG)} > "$1/etc/cloud/cloud.cfg.d/90-guestagent-testbed.cfg"',
-        'echo guestagent-test > "$1/etc/hostname"',
-        # No network in the guest: apt knows only the local repository cloud-init adds.
-        'rm -f "$1/etc/apt/sources.list" "$1"/etc/apt/sources.list.d/*',
-        'chroot "$1" passwd -d root',  # a console login for debugging by hand
-        # Timers that would start apt or fstrim in the middle of a test.
-        'for t in apt-daily apt-daily-upgrade fstrim e2scrub_all; do '
-        'ln -sf /dev/null "$1/etc/systemd/system/$t.timer"; done',
-    ]
-
-
-def _sh(text: str) -> str:
-    return "'" + text.replace("'", "'\\''") + "'"
+        yield root / name
 
 
 def _mke2fs(tree: Path, out: Path, size: str, label: str | None = None) -> None:
     tmp = out.with_name(out.name + ".tmp")
-    tmp.unlink(missing_ok=True)
+    if tmp.exists():
+        tmp.unlink()
     cmd = ["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(tree)]
     if label:
         cmd += ["-L", label]
@@ -184,89 +171,100 @@ def _mke2fs(tree: Path, out: Path, size: str, label: str | None = None) -> None:
     os.replace(tmp, out)
 
 
-def _collect_kernels(tree: Path, dest: Path) -> tuple[Kernel, ...]:
-    found = []
-    for vmlinuz in sorted((tree / "boot").glob("vmlinuz-*")):
-        version = vmlinuz.name[len("vmlinuz-"):]
-        initrd = tree / "boot" / f"initrd.img-{version}"
-        if not initrd.exists():
-            raise ImageError(f"kernel {version} has no initrd in the image")
-        k = Kernel(version, dest / vmlinuz.name, dest / initrd.name)
-        shutil.copyfile(vmlinuz, k.vmlinuz)
-        shutil.copyfile(initrd, k.initrd)
-        found.append(k)
-    return tuple(found)
+@dataclass(frozen=True)
+class _Tree:
+    """Stage 1: the packages installed by mmdebstrap, and the kernels copied out."""
+
+    path: Path
+    kernels: tuple[Kernel, ...]
+    key: str
 
 
-def _load(entry: Path, key: str) -> GuestImage | None:
-    manifest = entry / "manifest.json"
-    if not manifest.exists():
-        return None
-    doc = json.loads(manifest.read_text())
-    kernels = tuple(Kernel(v, entry / f"vmlinuz-{v}", entry / f"initrd.img-{v}")
-                    for v in doc["kernels"])
-    return GuestImage(entry / "root.ext4", kernels, key)
-
-
-def build_image(mirror: str | None = None, log: list[str] | None = None) -> GuestImage:
-    """The cached image for the current recipe, built first if it is not there."""
-    spec = recipe(mirror)
-    key = recipe_key(spec)
-    entry = cache_root() / f"base-{key}"
-    with _locked(cache_root() / f"base-{key}.lock"):
-        found = _load(entry, key)
-        if found:
-            return found
+def _debian_tree(mirror: str) -> _Tree:
+    """The slow stage (minutes, network), cached on the package list alone."""
+    key = _key(RECIPE_VERSION, SUITE, PACKAGES, mirror)
+    with _locked(f"tree-{key}") as entry:
+        manifest = entry / "manifest.json"
+        if manifest.exists():
+            versions = json.loads(manifest.read_text())["kernels"]
+            return _Tree(entry / "tree", tuple(
+                Kernel(v, entry / f"vmlinuz-{v}", entry / f"initrd.img-{v}") for v in versions),
+                key)
         missing = missing_tools()
         if missing:
             raise ImageError("cannot build the guest image: missing " + "; ".join(missing))
         shutil.rmtree(entry, ignore_errors=True)
         entry.mkdir(parents=True)
         started = time.monotonic()
-        tree = entry / "tree"  # kept: the preinstalled variant starts from a copy
         cmd = ["mmdebstrap", "--variant=minbase", "--include=" + ",".join(PACKAGES),
-               "--components=main", *(f"--customize-hook={h}" for h in _hooks()),
-               SUITE, str(tree)]
-        if spec["mirror"]:
-            cmd.append(spec["mirror"])
-        _run(cmd, "mmdebstrap")
-        kernels = _collect_kernels(tree, entry)
+               "--components=main", SUITE, str(entry / "tree")]
+        _run(cmd + ([mirror] if mirror else []), "mmdebstrap")
+        kernels = []
+        for vmlinuz in sorted((entry / "tree" / "boot").glob("vmlinuz-*")):
+            version = vmlinuz.name[len("vmlinuz-"):]
+            initrd = vmlinuz.with_name(f"initrd.img-{version}")
+            if not initrd.exists():
+                raise ImageError(f"kernel {version} has no initrd in the image")
+            k = Kernel(version, entry / vmlinuz.name, entry / initrd.name)
+            shutil.copyfile(vmlinuz, k.vmlinuz)
+            shutil.copyfile(initrd, k.initrd)
+            kernels.append(k)
         if sorted(k.preempt_rt for k in kernels) != [False, True]:
             raise ImageError(f"expected a stock and a PREEMPT_RT kernel, got "
                              f"{[k.version for k in kernels]}")
-        _mke2fs(tree, entry / "root.ext4", ROOT_SIZE)
-        (entry / "manifest.json").write_text(json.dumps(
-            {"recipe": spec, "kernels": [k.version for k in kernels],
-             "build_seconds": round(time.monotonic() - started, 1)}, indent=1))
-        if log is not None:
-            log.append(f"built image {key} in {time.monotonic() - started:.0f} s")
-        return GuestImage(entry / "root.ext4", kernels, key)
+        manifest.write_text(json.dumps({"kernels": [k.version for k in kernels],
+                                        "seconds": round(time.monotonic() - started, 1)}))
+        return _Tree(entry / "tree", tuple(kernels), key)
 
 
-def preinstalled_image(base: GuestImage, debs: Sequence[Path]) -> GuestImage:
-    """The base image with .debs installed by dpkg at build time (vendor-data's case)."""
-    h = hashlib.sha256(base.key.encode())
+def _customize(tree: Path, debs: Sequence[Path]) -> None:
+    """Stage 2, on a copy of the tree: the test fixtures, then any preinstalled .debs."""
+    (tree / CTL_DIR).mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(GUEST_CTL, tree / CTL_DIR / "guest_ctl.py")
+    (tree / REPO_MOUNT.lstrip("/")).mkdir(parents=True, exist_ok=True)
+    for path, text in FILES.items():
+        (tree / path).parent.mkdir(parents=True, exist_ok=True)
+        (tree / path).write_text(text)
+    for path, target in LINKS.items():
+        (tree / path).parent.mkdir(parents=True, exist_ok=True)
+        if (tree / path).is_symlink() or (tree / path).exists():
+            (tree / path).unlink()
+        os.symlink(target, tree / path)
+    # No network in the guest: apt knows only the local repository cloud-init adds.
+    for sources in [tree / "etc/apt/sources.list", *(tree / "etc/apt/sources.list.d").glob("*")]:
+        if sources.exists():
+            sources.unlink()
+    _run(["chroot", str(tree), "passwd", "-d", "root"], "passwd", env=CHROOT_ENV)  # console login
     for deb in debs:
-        h.update(_sha256(deb).encode())
-    key = f"{base.key}-{h.hexdigest()[:12]}"
-    entry = cache_root() / f"pre-{key}"
-    with _locked(cache_root() / f"pre-{key}.lock"):
+        shutil.copyfile(deb, tree / "tmp" / deb.name)
+    if debs:
+        _run(["chroot", str(tree), "dpkg", "-i", *(f"/tmp/{d.name}" for d in debs)],
+             "dpkg -i in the image", env=CHROOT_ENV)
+    for deb in debs:
+        (tree / "tmp" / deb.name).unlink()
+
+
+def build_image(debs: Sequence[Path] = (), mirror: str | None = None) -> GuestImage:
+    """The cached image (with ``debs`` preinstalled), built first if it is not there.
+
+    Two stages, cached apart: the Debian tree (mmdebstrap, minutes) keyed on the
+    package list, and the root disk (a copy of the tree with the test fixtures
+    and the .debs, then mke2fs; seconds) keyed on that and on their content.
+    """
+    tree = _debian_tree(mirror if mirror is not None
+                        else os.environ.get("GUESTAGENT_IMAGE_MIRROR", ""))
+    key = _key(tree.key, FILES, LINKS, _sha256(GUEST_CTL), ROOT_SIZE,
+               [_sha256(d) for d in debs])
+    with _locked(f"image-{key}") as entry:
         root = entry / "root.ext4"
-        if root.exists():
-            return GuestImage(root, base.kernels, key)
-        entry.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=entry) as tmp:
-            tree = Path(tmp) / "tree"
-            _run(["cp", "-a", str(base.root.parent / "tree"), str(tree)], "copy the base tree")
-            for deb in debs:
-                shutil.copyfile(deb, tree / "tmp" / deb.name)
-            _run(["chroot", str(tree), "dpkg", "-i", *(f"/tmp/{d.name}" for d in debs)],
-                 "dpkg -i in the image", env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
-                                              "LANG": "C.UTF-8"})
-            for deb in debs:
-                (tree / "tmp" / deb.name).unlink()
-            _mke2fs(tree, root, ROOT_SIZE)
-        return GuestImage(root, base.kernels, key)
+        if not root.exists():
+            entry.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=entry) as tmp:
+                copy = Path(tmp) / "tree"
+                _run(["cp", "-a", str(tree.path), str(copy)], "copy the Debian tree")
+                _customize(copy, debs)
+                _mke2fs(copy, root, ROOT_SIZE)
+        return GuestImage(root, tree.kernels, key)
 
 
 # --- the disks attached beside the root ------------------------------------------------
@@ -298,22 +296,25 @@ def repo_source(name: str) -> str:
 
 
 def with_package_source(user_data: str) -> str:
-    """The user-data with the local repository as its only package source added.
+    """The user-data text unchanged, with the local repository appended as apt source.
 
     The image has no other apt source; ``preserve_sources_list`` keeps cloud-init
     from writing Debian's default mirrors, which the offline guest cannot reach.
     """
     import yaml
 
-    header, _, _ = user_data.partition("\n")
-    if header.strip() != "#cloud-config":
-        raise ImageError("user-data does not start with #cloud-config")
     doc = yaml.safe_load(user_data)
+    if not user_data.startswith("#cloud-config\n") or not isinstance(doc, dict):
+        raise ImageError("user-data is not a #cloud-config mapping")
     if "apt" in doc:
         raise ImageError("user-data already configures apt; refusing to merge")
-    doc["apt"] = {"preserve_sources_list": True,
-                  "sources": {"guestagent-local": {"source": repo_source("current")}}}
-    return "#cloud-config\n" + yaml.safe_dump(doc, sort_keys=False)
+    added = ("# Added for the offline test guest: the local repository disk.\n"
+             "apt:\n  preserve_sources_list: true\n  sources:\n    guestagent-local:\n"
+             f"      source: \"{repo_source('current')}\"\n")
+    text = user_data.rstrip("\n") + "\n" + added
+    if yaml.safe_load(text) != dict(doc, apt=yaml.safe_load(added)["apt"]):
+        raise ImageError("appending the apt source changed the rest of the user-data")
+    return text
 
 
 def seed_disk(user_data: str, out: Path, instance_id: str,

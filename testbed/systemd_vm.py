@@ -24,6 +24,8 @@ from testbed.image import GuestImage, Kernel
 from testbed.vm import HINTS_PORT, GuestConfig, GuestVM, VMError, use_kvm
 
 HINTS_DEVICE_ID = "gahintsport"
+# A TCG boot with cloud-init installing takes minutes on a busy machine.
+SYSTEMD_GUEST = GuestConfig(boot_timeout=900.0)
 HINTS_CHARDEV_ID = "gahints"
 
 
@@ -47,7 +49,7 @@ class SystemdGuest(GuestVM):
     """A running systemd guest; use as a context manager."""
 
     def __init__(self, image: GuestImage, kernel: Kernel, workdir: os.PathLike,
-                 config: GuestConfig = GuestConfig(boot_timeout=900.0),
+                 config: GuestConfig = SYSTEMD_GUEST,
                  disks: tuple[Disk, ...] = (), cmdline: str = "") -> None:
         super().__init__(workdir, config)
         self.image = image
