@@ -65,15 +65,20 @@ RestartSec=1s
 [Install]
 WantedBy=multi-user.target
 """
+# Optional (nofail), but cloud-init's apt stage waits for it; udev can take minutes
+# to see the disk's label in a TCG guest on a busy machine.
+REPO_MOUNT_OPTIONS = "ro,nofail,x-systemd.device-timeout=180s,x-systemd.before=cloud-config.service"
 FSTAB = f"""\
 /dev/vda / ext4 rw,errors=remount-ro 0 1
-LABEL={REPO_LABEL} {REPO_MOUNT} ext4 ro,nofail,x-systemd.device-timeout=10s 0 2
+LABEL={REPO_LABEL} {REPO_MOUNT} ext4 {REPO_MOUNT_OPTIONS} 0 2
 """
 CLOUD_CFG = """\
 # Test guest: no network, so only the NoCloud seed disk can hold the data.
 datasource_list: [NoCloud, None]
 # minbase generates no locale; C.UTF-8 is built into libc.
 locale: C.UTF-8
+# No sshd in the image: no host keys to generate.
+ssh_genkeytypes: []
 """
 # Files written into the tree (path -> text), and symlinks (path -> target).
 FILES = {

@@ -4,7 +4,8 @@ The image is the test image with the .deb installed by dpkg at build time (so
 the unit is installed but not enabled); the NoCloud seed carries the project's
 vendor-data and an empty user-data. The hints port and the ivshmem device are
 there from the start, so udev starts the unit at boot, before cloud-init's
-final stage enables and restarts it with the written config.
+final stage enables and restarts it with the written config. The repository
+disk is attached as in the first-boot tests, though nothing installs from it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ UNIT = "guestagent.service"
 
 
 @pytest.fixture(scope="module")
-def guest(request: pytest.FixtureRequest, debs: list[Path],
+def guest(request: pytest.FixtureRequest, debs: list[Path], repo: Path,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[SystemdGuest]:
     image = img.build_image(debs)
     work = tmp_path_factory.mktemp("guest-vendor")
@@ -34,7 +35,8 @@ def guest(request: pytest.FixtureRequest, debs: list[Path],
     seed = img.seed_disk("#cloud-config\n{}\n", work / "seed.iso",
                          f"guestagent-{uuid.uuid4().hex[:8]}", vendor_data=vendor_data)
     with SystemdGuest(image, image.kernel(rt=False), work,
-                      disks=(Disk(seed, "gaseed", readonly=True),)) as vm:
+                      disks=(Disk(repo, "garepo", readonly=True),
+                             Disk(seed, "gaseed", readonly=True))) as vm:
         record_boot(request.config, "boot of the preinstalled image with vendor-data",
                     vm.boot_seconds)
         yield vm
