@@ -11,7 +11,15 @@ the probe goes back to SCHED_OTHER and the wait for the hint to drop is timed.
 Each trial starts after a random pause up to the agent's current sweep interval
 (from its status), so trials fall at every phase of the agent's sweep timer.
 Target: p99 at most 100 ms with 1,000 threads (boost; the unboost is reported too).
-Run as root: python3 bench/agent_latency.py [--threads 1000] [--trials 200]
+
+Exits: a second agent runs with hold_time_ms --exit-hold-ms. Each trial starts a
+new probe thread, makes it FIFO, waits for its boost in the region, and ends the
+thread; the time from its end to a neutral hint for that vCPU in the region is
+timed. The thread's exit (the proc connector) and the end of the hold are
+deadlines of the agent's loop, whatever its sweep interval: target p99 at most
+hold_time_ms + 100 ms. ("Neutral" here: the probe's boost is gone from that
+vCPU's hint; other work of this machine may hold a hint of its own there.)
+Run as root: python3 bench/agent_latency.py [--threads 1000,10000] [--trials 200]
 """
 
 from __future__ import annotations
@@ -33,6 +41,9 @@ from guestagent.protocol.model import Request  # noqa: E402
 from guestagent.transport.region_link import RegionHostLink  # noqa: E402
 
 TARGET_MS = 100.0
+
+
+EXIT_SLACK_MS = 100.0  # exit -> neutral within hold_time_ms + this, p99
 
 
 class Probe:
@@ -120,6 +131,38 @@ def run_trials(agent, cpu: int, prio: int, trials: int, poll: float,
     return boost, unboost, lost
 
 
+def run_exit_trials(agent, cpu: int, prio: int, trials: int, poll: float,
+                    pause: float) -> tuple[list[float], int]:
+    """Exit of a boosted thread -> its boost gone from the region, once per trial."""
+    ends, lost = [], 0
+    host = RegionHostLink(agent.region, poll_interval=poll)
+
+    def dropped() -> bool:
+        return ours(host, cpu, prio) is False
+
+    try:
+        if wait_until(host, dropped, poll, 30) is None:
+            raise RuntimeError(f"vCPU {cpu} already shows FIFO {prio}: choose --prio")
+        for _ in range(trials):
+            time.sleep(random.uniform(0, pause))
+            probe = Probe(cpu)
+            probe.set_fifo(prio)
+            if wait_until(host, lambda: ours(host, cpu, prio), poll, 10) is None:
+                lost += 1
+                probe.close()
+                wait_until(host, dropped, poll, 30)
+                continue
+            probe.close()  # joined: the thread has exited
+            t0 = time.monotonic()
+            seen = wait_until(host, dropped, poll, 30)
+            if seen is None:
+                raise RuntimeError("the hint did not drop within 30 s of the thread's exit")
+            ends.append(seen - t0)
+    finally:
+        host.close()
+    return ends, lost
+
+
 def line(name: str, ms: list[float], target: float | None) -> str:
     if not ms:
         return f"{name}: no trials"
@@ -132,7 +175,7 @@ def line(name: str, ms: list[float], target: float | None) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=1000)
+    ap.add_argument("--threads", default="1000,10000")
     ap.add_argument("--trials", type=int, default=200)
     ap.add_argument("--cpu", type=int, default=os.cpu_count() - 1, help="the probe's CPU")
     ap.add_argument("--prio", type=int, default=88, help="the probe's FIFO priority: one "
@@ -141,19 +184,40 @@ def main() -> int:
     ap.add_argument("--pause-ms", type=float, default=None,
                     help="longest random pause before each trial (default: the agent's "
                     "sweep interval)")
+    ap.add_argument("--exit-hold-ms", type=int, default=500,
+                    help="hold_time_ms of the agent for the exit trials")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("needs root (SCHED_FIFO, proc connector, raising pid_max)")
         return 2
-    with raised_limits(args.threads), live_threads(args.threads):
-        live = count_threads()
-        with running_agent(hold_time_ms=0, min_change_interval_ms=0) as agent:
-            pause = None if args.pause_ms is None else args.pause_ms / 1000
-            boost, unboost, lost = run_trials(agent, args.cpu, args.prio, args.trials,
-                                              args.poll_ms / 1000, pause)
-            status = agent.status_cli()
-            problems = agent.log_lines()
-    print(f"\n== {args.threads} extra threads ({live} live), probe on vCPU {args.cpu} at "
+    sizes = [int(x) for x in args.threads.split(",")]
+    poll = args.poll_ms / 1000
+    pause = None if args.pause_ms is None else args.pause_ms / 1000
+    with raised_limits(max(sizes)):
+        for total in sizes:
+            with live_threads(total):
+                live = count_threads()
+                with running_agent(hold_time_ms=0, min_change_interval_ms=0) as agent:
+                    boost, unboost, lost = run_trials(agent, args.cpu, args.prio, args.trials,
+                                                      poll, pause)
+                    status = agent.status_cli()
+                    problems = agent.log_lines()
+                with running_agent(hold_time_ms=args.exit_hold_ms,
+                                   min_change_interval_ms=0) as agent:
+                    exit_pause = pause if pause is not None else \
+                        agent.ask("status")["sweep_interval_ms"] / 1000
+                    ends, exit_lost = run_exit_trials(agent, args.cpu, args.prio, args.trials,
+                                                      poll, exit_pause)
+                    exit_status = agent.status_cli()
+                    problems += agent.log_lines()
+            report(args, total, live, status, exit_status, boost, unboost, lost, ends,
+                   exit_lost, problems)
+    return 0
+
+
+def report(args, total: int, live: int, status: dict, exit_status: dict, boost, unboost,
+           lost: int, ends, exit_lost: int, problems: list[str]) -> None:
+    print(f"\n== {total} extra threads ({live} live), probe on vCPU {args.cpu} at "
           f"FIFO {args.prio}, region polled every {args.poll_ms:g} ms ==")
     print(f"agent: sweep {status['sweep_ms']:.2f} ms, sweep interval "
           f"{status['sweep_interval_ms']:.0f} ms, thread tracking {status['thread_events']}, "
@@ -161,9 +225,13 @@ def main() -> int:
     print(line("boost", [x * 1e3 for x in boost], TARGET_MS))
     print(line("unboost (hold 0)", [x * 1e3 for x in unboost], TARGET_MS))
     print(f"lost: {lost} boosts not seen within 10 s")
+    print(line(f"exit -> neutral (hold {args.exit_hold_ms} ms)", [x * 1e3 for x in ends],
+               args.exit_hold_ms + EXIT_SLACK_MS))
+    print(f"exit agent: sweep interval {exit_status['sweep_interval_ms']:.0f} ms, "
+          f"{exit_status['sweeps']} sweeps, {exit_status['refreshes']} refreshes; "
+          f"{exit_lost} boosts not seen within 10 s")
     print(f"log: {len(problems)} warning/error lines"
           + "".join(f"\n  {p}" for p in problems[:10]))
-    return 0
 
 
 if __name__ == "__main__":

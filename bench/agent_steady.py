@@ -44,20 +44,26 @@ def measure(window: float, repeat: int, settle: float) -> dict:
     with running_agent() as agent:
         time.sleep(settle)
         cpu, rss, wake, forks = [], [], [], []
+        by_source: dict[str, list[float]] = {}
         for _ in range(repeat):
             w0, f0 = wakeups(agent.pid), forks_so_far()
+            s0 = agent.ask("status").get("wakeups", {})
             c0, t0 = cpu_seconds(agent.pid), time.monotonic()
             while time.monotonic() - t0 < window:
                 rss.append(rss_mib(agent.pid))
                 time.sleep(min(1.0, window / 4))
             c1, t1 = cpu_seconds(agent.pid), time.monotonic()
+            s1 = agent.ask("status").get("wakeups", {})
             cpu.append((c1 - c0) / (t1 - t0) * 100)
             wake.append((wakeups(agent.pid) - w0) / (t1 - t0))
             forks.append((forks_so_far() - f0) / (t1 - t0))
+            for source in s1:
+                by_source.setdefault(source, []).append(
+                    (s1[source] - s0.get(source, 0)) / (t1 - t0))
         status = agent.status_cli()
         problems = agent.log_lines()
     return {"cpu": cpu, "rss": rss, "wake": wake, "forks": forks, "status": status,
-            "problems": problems}
+            "problems": problems, "by_source": by_source}
 
 
 def report(total: int, live: int, res: dict) -> None:
@@ -81,6 +87,11 @@ def report(total: int, live: int, res: dict) -> None:
     print(f"of which sweeps: about {sweep_share:.3f} % (last sweep / interval); the rest is "
           f"{statistics.median(res['wake']):.0f} wakeups/s of the agent, with "
           f"{statistics.median(res['forks']):.0f} tasks/s created on this machine by other work")
+    sources = sorted(((statistics.median(v), k) for k, v in res["by_source"].items()),
+                     reverse=True)
+    print("wake-ups by source (the agent's loop, per second, median): "
+          + (", ".join(f"{k} {rate:.1f}" for rate, k in sources) or "none reported")
+          + f"; the wake-ups of its process, all causes: {statistics.median(res['wake']):.0f}/s")
     print(f"naive: one /proc/*/task/*/stat parse costs {naive_cost * 1e3:.1f} ms of CPU = "
           f"{naive_pct:.2f} % of one CPU at the agent's interval; the agent's sweep is "
           f"{naive_cost * 1e3 / max(st['sweep_ms'], 1e-3):.1f}x cheaper")

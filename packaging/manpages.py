@@ -6,7 +6,7 @@ list exactly the subcommands, options and configuration keys of the build:
     python3 packaging/manpages.py OUTDIR
 
 The pages come from the argparse parsers (every subcommand, nested ones too,
-and every option) and from guestagent.config.SCHEMA. SOURCE_DATE_EPOCH, when
+and every option) and from guestagent.agent.config.SCHEMA. SOURCE_DATE_EPOCH, when
 set, dates the pages so that builds are reproducible.
 """
 
@@ -114,9 +114,19 @@ def page_header(name: str, section: int, title: str, version: str, date: str) ->
     ]
 
 
+def tagged(heading: str, items: Sequence[tuple[str, str]], font: str = "I") -> list[str]:
+    """A section of tagged paragraphs: each tag (a path, a code, a signal) and its meaning."""
+    out = [f".SH {heading}"]
+    for tag, what in items:
+        out += [".TP", f"\\f{font}{escape(tag)}\\fR", escape(what)]
+    return out
+
+
 def command_page(parser: argparse.ArgumentParser, title: str, version: str, date: str,
                  files: Sequence[tuple[str, str]] = (),
-                 see_also: Sequence[str] = ()) -> str:
+                 see_also: Sequence[str] = (),
+                 exit_status: Sequence[tuple[str, str]] = (),
+                 signals: Sequence[tuple[str, str]] = ()) -> str:
     """A section-8 page for a command line: synopsis, options, every subcommand."""
     prog = parser.prog
     commands = list(walk(parser))
@@ -137,10 +147,12 @@ def command_page(parser: argparse.ArgumentParser, title: str, version: str, date
             if description:
                 out.append(escape(description))
             out += options_roff(cmd.parser)
+    if exit_status:
+        out += tagged("EXIT STATUS", exit_status, "B")
+    if signals:
+        out += tagged("SIGNALS", signals, "B")
     if files:
-        out.append(".SH FILES")
-        for path, what in files:
-            out += [".TP", f"\\fI{escape(path)}\\fR", escape(what)]
+        out += tagged("FILES", files)
     if see_also:
         out += [".SH SEE ALSO", ",\n".join(f"\\fB{escape(p.split('(')[0])}\\fR"
                                             f"({p.split('(')[1]}" for p in see_also)]
@@ -149,7 +161,7 @@ def command_page(parser: argparse.ArgumentParser, title: str, version: str, date
 
 def key_roff(key: Any) -> list[str]:
     """One configuration key as a tagged paragraph: name, type, default, limits, meaning."""
-    from guestagent.config import toml_value
+    from guestagent.agent.config import toml_value
 
     facts = ["one of " + ", ".join(key.choices)] if key.choices else [key.type]
     if key.minimum is not None or key.maximum is not None:
@@ -168,7 +180,7 @@ def fmt_num(x: object) -> str:
 
 def config_page(version: str, date: str) -> str:
     """guestagent.toml(5): every section and key of the schema, and the rule tables."""
-    from guestagent import config
+    from guestagent.agent import config
 
     out = page_header("guestagent.toml", 5, "guestagent configuration file", version, date)
     out += [
@@ -204,29 +216,81 @@ def build_date() -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(when))
 
 
+EXIT_COMMON = [
+    ("0", "Success."),
+    ("1", "The command failed: the reason is one line on standard error."),
+    ("2", "Bad arguments (or no command given)."),
+    ("130", "Interrupted (SIGINT, Ctrl-C)."),
+]
+DOCS = "/usr/share/doc/{pkg}"
+
+
+def guest_page(version: str, date: str) -> str:
+    from guestagent.cli import build_parser
+
+    docs = DOCS.format(pkg="guestagent")
+    return command_page(
+        build_parser(), "guest scheduling hints for the hypervisor host", version, date,
+        exit_status=EXIT_COMMON,
+        signals=[("SIGHUP", "guestagent run rereads its configuration file; a file that "
+                  "fails to load is reported and the old configuration stays."),
+                 ("SIGTERM, SIGINT", "guestagent run publishes neutral hints, restores the "
+                  "affinity of steered tasks and exits 0."),
+                 ("q", "guestagent watch on a terminal: the key q quits.")],
+        files=[("/etc/guestagent/guestagent.toml", "The configuration file."),
+               ("/etc/default/guestagent",
+                "GUESTAGENT_ARGS: extra arguments for the service "
+                "(/etc/sysconfig/guestagent on rpm systems)."),
+               ("/run/guestagent/control.sock",
+                "The control socket; members of the guestagent group may read through it."),
+               ("/run/guestagent/region",
+                "The local region the agent publishes to when the host offers no transport."),
+               (f"{docs}/cli-json.md", "The --json output of every command."),
+               (f"{docs}/policy.md", "How hints are chosen from the guest's threads and IRQs."),
+               (f"{docs}/protocol.md", "The guest-host protocol.")],
+        see_also=["guestagent.toml(5)", "guestagent-host(8)", "systemctl(1)"])
+
+
+def host_page(version: str, date: str) -> str:
+    from guestagent.host.cli import build_parser
+
+    docs = DOCS.format(pkg="guestagent-host")
+    return command_page(
+        build_parser(), "reference host peer for guestagent", version, date,
+        exit_status=EXIT_COMMON,
+        signals=[("SIGTERM, SIGINT", "Every vCPU thread changed is restored to its recorded "
+                  "settings before exit."),
+                 ("SIGKILL", "Nothing can run: the state files under /run/guestagent-host "
+                  "keep the originals, and guestagent-host restore or the next peer for "
+                  "the VM puts them back.")],
+        files=[("/etc/guestagent-host/guestagent-host.toml",
+                "Host limits (TOML), given with --config."),
+               ("/etc/default/guestagent-host",
+                "GUESTAGENT_HOST_ARGS: extra arguments for the service "
+                "(/etc/sysconfig/guestagent-host on rpm systems)."),
+               ("/run/guestagent-host/status.sock", "The status socket guestagent-host "
+                "status reads."),
+               ("/run/guestagent-host/", "State files: the originals of changed threads."),
+               (f"{docs}/host.md", "What the host peer applies, and its limits."),
+               (f"{docs}/cli-json.md", "The status --json document."),
+               (f"{docs}/protocol.md", "The guest-host protocol.")],
+        see_also=["guestagent(8)", "chrt(1)"])
+
+
+# File name -> (package, page), for every page the packages ship.
+PAGES = {
+    "guestagent.8": ("guestagent", guest_page),
+    "guestagent.toml.5": ("guestagent", config_page),
+    "guestagent-host.8": ("guestagent-host", host_page),
+}
+
+
 def render_all() -> dict[str, str]:
     """File name -> page text for every page the packages ship."""
     from guestagent import __version__
-    from guestagent.cli import build_parser
-    from guestagent.host.cli import build_parser as build_host_parser
 
     date = build_date()
-    return {
-        "guestagent.8": command_page(
-            build_parser(), "guest scheduling hints for the hypervisor host", __version__, date,
-            files=[("/etc/guestagent/guestagent.toml", "The configuration file."),
-                   ("/etc/default/guestagent",
-                    "GUESTAGENT_ARGS: extra arguments for the service "
-                    "(/etc/sysconfig/guestagent on rpm systems)."),
-                   ("/run/guestagent/control.sock",
-                    "The control socket; members of the guestagent group may read through "
-                    "it.")],
-            see_also=["guestagent.toml(5)", "guestagent-host(8)", "systemctl(1)"]),
-        "guestagent-host.8": command_page(
-            build_host_parser(), "reference host peer for guestagent", __version__, date,
-            see_also=["guestagent(8)"]),
-        "guestagent.toml.5": config_page(__version__, date),
-    }
+    return {name: render(__version__, date) for name, (_, render) in PAGES.items()}
 
 
 def main(argv: Sequence[str]) -> int:

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from guestagent.host.qmp import QmpClient
+
 HINTS_PORT = "org.guestagent.hints.0"
 CTL_PORT = "org.guestagent.test.ctl"
 IVSHMEM_PCI_ID = ("0x1af4", "0x1110")
@@ -92,7 +94,7 @@ def use_kvm() -> bool:
     return os.environ.get("GUESTAGENT_VM_KVM") == "1" and os.access("/dev/kvm", os.R_OK | os.W_OK)
 
 
-# --- JSON-line clients (QMP and the guest command server) --------------------------------
+# --- JSON lines to the guest command server (QMP is guestagent.host.qmp) -----------------
 
 
 class _JsonLines:
@@ -153,34 +155,6 @@ class _JsonLines:
         except OSError:
             pass
         self.sock.close()
-
-
-class QmpClient:
-    """Just enough QMP: negotiate capabilities, then execute commands."""
-
-    def __init__(self, path: str, timeout: float = 10.0) -> None:
-        self._conn = _JsonLines(path)
-        self._ids = itertools.count(1)
-        if self._conn.take(lambda m: "QMP" in m, timeout) is None:
-            raise VMError(f"no QMP greeting on {path}")
-        self.execute("qmp_capabilities")
-
-    def execute(self, command: str, arguments: dict[str, Any] | None = None,
-                timeout: float = 10.0) -> Any:
-        rid = next(self._ids)
-        msg: dict[str, Any] = {"execute": command, "id": rid}
-        if arguments:
-            msg["arguments"] = arguments
-        self._conn.send(msg)
-        reply = self._conn.take(lambda m: m.get("id") == rid, timeout)
-        if reply is None:
-            raise VMError(f"QMP {command}: no reply in {timeout} s")
-        if "error" in reply:
-            raise VMError(f"QMP {command}: {reply['error'].get('desc', reply['error'])}")
-        return reply.get("return")
-
-    def close(self) -> None:
-        self._conn.close()
 
 
 @dataclass(frozen=True)
@@ -284,7 +258,7 @@ class GuestConfig:
     hints_port: bool = True  # QEMU listens on hints.sock (server=on,wait=off)
     ivshmem: bool = True
     ivshmem_size: int = 1 << 20
-    boot_timeout: float = 120.0  # TCG on a busy 2-core machine
+    boot_timeout: float = 300.0  # TCG on a busy 2-core machine: 120 s was not enough under load
 
 
 class GuestVM:
@@ -376,7 +350,7 @@ class GuestVM:
         deadline = time.monotonic() + self.config.boot_timeout
         self._wait_for_socket(self.ctl_sock, deadline)
         self._ctl = GuestControl(self.ctl_sock)
-        self._qmp = QmpClient(self.qmp_sock)
+        self._qmp = QmpClient(self.qmp_sock, timeout=10.0)
         self.qemu_pid = self._find_qemu_pid()
         try:
             self._ctl.wait_ready(max(1.0, deadline - time.monotonic()), self.alive)

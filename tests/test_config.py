@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from guestagent.config import (
+from guestagent.agent.config import (
     SCHEMA,
     default_config,
     load_config,
@@ -13,7 +13,7 @@ from guestagent.config import (
     render_default_toml,
 )
 from guestagent.errors import ConfigError
-from guestagent.observe.parse import systemd_unit
+from guestagent.linux.procfs import systemd_unit
 from guestagent.protocol.model import SchedClass
 
 
@@ -105,3 +105,27 @@ def test_missing_and_unreadable_files(tmp_path):
         load_config(str(tmp_path / "none.toml"))
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(str(tmp_path))
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[control]\nsocket = ""\n', "f.toml:2: control.socket must be an absolute path, not ''"),
+    ('\n[control]\nsocket = "ctl.sock"\n',
+     "f.toml:3: control.socket must be an absolute path, not 'ctl.sock'"),
+    ('[control]\nsocket = "/nonexistent-ga/dir/ctl.sock"\n',
+     "f.toml:2: control.socket: directory /nonexistent-ga/dir does not exist"),
+    ('[transport]\nlocal_region = "/nonexistent-ga/dir/region"\n',
+     "f.toml:2: transport.local_region: directory /nonexistent-ga/dir does not exist"),
+    ('[metrics]\n\ntextfile_dir = "/nonexistent-ga/textfile"\n',
+     "f.toml:3: metrics.textfile_dir: directory /nonexistent-ga/textfile does not exist"),
+])
+def test_paths_the_daemon_cannot_use_safely_are_refused(text, message):
+    with pytest.raises(ConfigError) as err:
+        parse_config(text.encode(), "f.toml")
+    assert str(err.value) == message
+
+
+def test_the_daemons_own_run_directory_and_existing_ones_are_accepted(tmp_path):
+    cfg = parse_config(f'[control]\nsocket = "/run/guestagent/x.sock"\n[transport]\n'
+                       f'local_region = "{tmp_path}/r"\n[metrics]\ntextfile_dir = "{tmp_path}"\n'
+                       .encode())
+    assert cfg.control["socket"] == "/run/guestagent/x.sock"

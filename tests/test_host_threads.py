@@ -14,7 +14,7 @@ import threading
 import time
 
 import pytest
-from test_host_standin import Standin
+from helpers.standin import Standin
 
 from guestagent.errors import GuestagentError
 from guestagent.host.applier import ThreadApplier, read_settings
@@ -28,15 +28,10 @@ from guestagent.host.capacity import (
 )
 from guestagent.host.discovery import discover, parse_cpus_fast, vcpus_from_names
 from guestagent.host.settings import ThreadSettings
-from guestagent.observe.parse import CpuTimes, ParseError, parse_proc_stat_times
+from guestagent.linux.procfs import CpuTimes, ParseError, parse_proc_stat_times
 from guestagent.protocol.model import AppliedFlag
 
-
-@pytest.fixture
-def standin(tmp_path):
-    s = Standin(str(tmp_path / "qmp.sock"), 2)
-    yield s
-    s.stop()
+pytestmark = pytest.mark.root
 
 
 def test_discover_via_qmp_uses_thread_ids_and_peer_pid(standin):
@@ -164,16 +159,16 @@ def test_capacity_arithmetic():
 
 
 def test_proc_parsers_tolerate_garbage():
-    # The host reads /proc/stat with observe's parser: busy, steal and idle add up to total.
+    # The host reads /proc/stat with the shared procfs parser: busy, steal and idle add up to total.
     stat = "cpu  1 2 3 4 5 6 7 8 9 10\ncpu0 10 0 10 60 10 0 0 10 0 0\ncpu1 5 5 0 0 0 0 0\n"
     cpus = parse_proc_stat_times(stat + "intr 1\n")
     assert cpus == {0: CpuTimes(20, 0, 10, 70), 1: CpuTimes(10, 5, 0, 0)}
     assert cpus[0].total == 100 and cpus[1].total == 10
     with pytest.raises(ParseError):
         parse_proc_stat_times(stat + "cpuX 1\n")
-    line = "42 (CPU 0/KVM) (x) R " + " ".join(str(i) for i in range(4, 53))
+    line = b"42 (CPU 0/KVM) (x) R " + " ".join(str(i) for i in range(4, 53)).encode()
     assert parse_task_stat(line) == ThreadTimes(run=14 + 15, pcpu=39)
-    assert parse_task_stat("garbage") is None
+    assert parse_task_stat(b"garbage") is None
 
 
 def test_capacity_sees_a_hog_on_the_vcpus_pcpu(tmp_path):

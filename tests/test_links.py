@@ -195,7 +195,7 @@ def test_channel_unknown_major_refused(sock_path):
 def test_channel_guest_refused_by_host_reports_it(sock_path):
     host = ChannelHostLink(sock_path, listen=True)
     guest = ChannelGuestLink(sock_path, 3)
-    guest.conn.hello = Hello(Feature.NONE, 1, 3, major=3)  # a guest from the future
+    guest.conn.hello = Hello(Feature.NONE, 1, 3, major=3, minor=0)  # a guest from the future
     try:
         assert run([host, guest], 3, lambda: guest.view().link == "refused")
         assert "3.0" in guest.view().reason
@@ -298,7 +298,8 @@ def test_region_unknown_major_refused(region_path):
     guest = RegionGuestLink(region_path, 2, create=True, poll_interval=0.01)
     with open(region_path, "r+b") as f:  # the guest's header, as a v2 guest would write it
         f.seek(40)
-        f.write(b"\x02\x00")
+        f.write(b"\x02\x00\x00\x00")
+    guest._header = guest._mm[:128]  # a v2 guest: this is the header it wrote
     host = RegionHostLink(region_path)
     try:
         assert run([host, guest], 3, lambda: guest.view().link == "refused")
@@ -344,3 +345,70 @@ def test_host_never_writes_into_a_region_no_guest_formatted(tmp_path):
         assert host.view().link != "up"
     finally:
         host.close()
+
+
+def _raw_host(path: str):
+    """A hand-driven host: a listening socket; returns (server, accept())."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+    return server
+
+
+def test_channel_guest_refuses_a_welcome_of_another_protocol_with_one_log_line(
+        sock_path, caplog):
+    server = _raw_host(sock_path)
+    guest = ChannelGuestLink(sock_path, 2)
+    try:
+        with caplog.at_level("WARNING", "guestagent.transport"):
+            assert run([guest], 2, lambda: guest.fileno() is not None)
+            conn, _ = server.accept()
+            conn.settimeout(2)
+            framer = LineFramer()
+            run([guest], 0.2)
+            sync = next(decode_line(x) for x in framer.feed(conn.recv(65536))
+                        if isinstance(x, bytes) and b'"sync"' in x)
+            evil = (b'{"type":"welcome","protocol":"org.evil.sched","version":[1,0],'
+                    b'"accepted":true,"features":15,"epoch":7,"reason":""}\n')
+            conn.sendall(encode_message(SyncAck(sync.id)) + evil + evil)
+            assert run([guest], 2, lambda: guest.view().link == "refused")
+            guest.publish(HINTS[:2], 1, time.monotonic())  # hints stay with the guest
+            run([guest], 0.3)
+        view = guest.view()
+        assert "org.evil.sched" in view.reason and view.reason.startswith("refusing host")
+        refusals = [r for r in caplog.records if "channel: refused" in r.message]
+        assert len(refusals) == 1 and refusals[0].levelname == "WARNING"
+        conn.settimeout(0.2)
+        try:
+            rest = conn.recv(65536)
+        except socket.timeout:
+            rest = b""
+        assert b'"hints"' not in rest and b'"heartbeat"' not in rest
+        conn.close()
+    finally:
+        guest.close()
+        server.close()
+
+
+def test_channel_sync_ack_that_never_comes_leads_to_a_new_sync(sock_path):
+    server = _raw_host(sock_path)
+    guest = ChannelGuestLink(sock_path, 2, stale_after=0.3)
+    try:
+        assert run([guest], 2, lambda: guest.fileno() is not None)
+        conn, _ = server.accept()
+        conn.settimeout(0.05)
+        framer, syncs = LineFramer(), []
+        end = time.monotonic() + 5
+        while len(syncs) < 2 and time.monotonic() < end:
+            run([guest], 0.05)
+            try:
+                data = conn.recv(65536)
+            except socket.timeout:
+                continue
+            syncs += [m for m in (decode_line(x) for x in framer.feed(data)
+                                  if isinstance(x, bytes)) if isinstance(m, Sync)]
+        assert len(syncs) >= 2 and syncs[0].id != syncs[1].id
+        conn.close()
+    finally:
+        guest.close()
+        server.close()

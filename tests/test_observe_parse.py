@@ -8,20 +8,19 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from guestagent.observe.events import ProcEvent, encode_proc_event, parse_proc_events
-from guestagent.observe.parse import (
+from guestagent.linux.procfs import (
     ParseError,
     format_cpulist,
-    irq_thread_number,
     parse_cgroup,
     parse_cpulist,
     parse_interrupts,
     parse_mountinfo_cgroup2,
     parse_proc_stat_steal,
     parse_stat,
-    steal_fractions,
     systemd_unit,
 )
+from guestagent.observe.events import ProcEvent, encode_proc_event, parse_proc_events
+from guestagent.observe.parse import irq_thread_number, steal_fractions
 
 # A real line from this machine's irq/24 kthread, with its comm swapped in.
 STAT_TAIL = (b" S 2 0 0 0 -1 2129984 0 0 0 0 0 0 0 0 -51 0 1 0 39 0 0 18446744073709551615 0 0 "

@@ -8,9 +8,11 @@ import threading
 import time
 
 import pytest
-from test_schedwatch import Sleeper, tracefs  # noqa: F401 (fixture)
+from helpers.threads import Sleeper, sched_thread
 
 from guestagent.observe import Observer
+
+pytestmark = pytest.mark.root
 
 
 @pytest.fixture
@@ -59,3 +61,14 @@ def test_a_change_to_nothing_new_yields_no_snapshot(observer):
     me = threading.get_native_id()
     os.setpriority(os.PRIO_PROCESS, me, os.getpriority(os.PRIO_PROCESS, me))
     assert pump(observer, 0.3) is None
+
+
+def test_an_exit_of_a_thread_that_mattered_shows_without_a_sweep(observer):
+    with sched_thread(os.SCHED_FIFO, 9) as rt:
+        pump(observer, 0.2)
+        observer.snapshot(time.monotonic(), full=False)
+        while pump(observer, 0.2) is not None:  # other work's changes, if any
+            pass
+    snap = pump(observer, 10.0)  # the thread was joined: its exit event is queued
+    assert snap is not None, "the exit of a FIFO thread must yield a snapshot"
+    assert find(snap, rt.tid) is None

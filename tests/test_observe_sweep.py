@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
-from test_observe_live import SchedThread, sched_thread
+from helpers.threads import SchedThread, sched_thread
 
 from guestagent.observe import Observer
 from guestagent.observe.irqs import IrqInfo, with_irq_threads
@@ -20,8 +20,7 @@ from guestagent.observe.threads import NICE_ROTATION, ThreadInfo, ThreadTable
 from guestagent.observe.young import YoungThreads
 from guestagent.protocol.model import SchedClass
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0,
-                                reason="needs root: sets real-time policies on real threads")
+pytestmark = pytest.mark.root
 
 
 def find(threads, tid):
@@ -139,8 +138,9 @@ def test_stat_reader_beyond_its_cap_falls_back_to_open_read():
     reader.close()
 
 
-def _wait_young(obs: Observer, until: float) -> bool:
-    """Drive the observer as the daemon does until check_changes says 'snapshot now'."""
+def _wait_young(obs: Observer, until: float, refresh: bool = True) -> bool:
+    """Drive the observer as the daemon does until check_changes says 'snapshot now'
+    or (with ``refresh``) a refresh re-read a thread that changed."""
     while time.monotonic() < until:
         due = obs.deadline()
         timeout = 0.05 if due is None else max(0.0, min(0.05, due - time.monotonic()))
@@ -148,6 +148,8 @@ def _wait_young(obs: Observer, until: float) -> bool:
             obs.handle_readable(fd)
         due = obs.deadline()
         if due is not None and time.monotonic() >= due and obs.check_changes(time.monotonic()):
+            return True
+        if refresh and obs.refresh(time.monotonic()) is not None:
             return True
     return False
 
@@ -165,10 +167,17 @@ def starting_thread(policy: int) -> Iterator[list[int]]:
         os.sched_setscheduler(0, policy, os.sched_param(7 if policy else 0))
         stop.wait(30)
 
+    with _running(body, stop):
+        yield tid
+
+
+@contextmanager
+def _running(body, stop: threading.Event) -> Iterator[None]:
+    """A thread running ``body`` until the block ends and ``stop`` is set."""
     th = threading.Thread(target=body, daemon=True)
     th.start()
     try:
-        yield tid
+        yield
     finally:
         stop.set()
         th.join(5)
@@ -202,14 +211,54 @@ def test_young_thread_staying_other_leaves_the_young_set(watching):
         assert find(watching.snapshot(time.monotonic(), full=False).threads, tid[0]) is None
 
 
-def test_young_hit_is_held_back_to_the_cpu_share(watching):
-    # pretend a snapshot costs 50 ms and the bucket is empty: the next young one in 1 s
+def test_a_change_that_needs_a_sweep_is_held_back_to_the_cpu_share(watching):
+    # pretend a snapshot costs 50 ms and the bucket is empty: the next such sweep in 1 s
     watching._cost, watching._change_credit, watching._credit_at = 0.05, 0.0, time.monotonic()
-    with starting_thread(os.SCHED_FIFO):
-        assert not _wait_young(watching, time.monotonic() + 0.3)
-        due = watching.deadline()
-        assert due is not None and due > time.monotonic()
-        assert _wait_young(watching, time.monotonic() + 2.0)
+    watching._changed = True  # as a scheduler-change wake-up that names no thread
+    assert not _wait_young(watching, time.monotonic() + 0.3, refresh=False)
+    due = watching.deadline()
+    assert due is not None and due > time.monotonic()
+    assert _wait_young(watching, time.monotonic() + 2.0, refresh=False)
+
+
+@contextmanager
+def born_fifo() -> Iterator[list[int]]:
+    """A thread started by a FIFO thread: FIFO from birth, with no syscall of its own
+    that a scheduler-change wake-up could name; yields a list that holds its tid."""
+    stop = threading.Event()
+    tid: list[int] = []
+
+    def child() -> None:
+        tid.append(threading.get_native_id())
+        stop.wait(30)
+
+    def parent() -> None:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(7))
+        time.sleep(0.2)  # the parent's own change is seen and done with first
+        th = threading.Thread(target=child, daemon=True)
+        th.start()
+        th.join(30)
+
+    with _running(parent, stop):
+        yield tid
+
+
+def test_young_thread_born_fifo_is_re_read_without_a_sweep(watching):
+    with born_fifo() as tid:
+        time.sleep(0.1)
+        watching.snapshot(time.monotonic())  # the parent is known and FIFO
+        # then the bucket is empty: a sweep for the child would be held back for 1 s,
+        # but re-reading one young thread costs microseconds and needs no sweep
+        watching._cost, watching._change_credit = 0.05, 0.0
+        watching._credit_at = time.monotonic()
+        snap = None
+        until = time.monotonic() + 0.6
+        while time.monotonic() < until and not (tid and snap and find(snap.threads, tid[0])):
+            _wait_young(watching, time.monotonic() + 0.02, refresh=False)
+            snap = watching.refresh(time.monotonic()) or snap
+        assert tid and snap is not None, "no refresh showed the child"
+        child = find(snap.threads, tid[0])
+        assert child is not None and child.policy == SchedClass.FIFO
 
 
 def test_young_set_is_bounded_and_checks_coalesce():

@@ -143,3 +143,28 @@ def test_unreadable_parts_become_notes(tmp_path):
     assert any("/proc/stat unreadable" in n for n in snap.notes)
     assert 10 not in by_tid(snap) and 11 in by_tid(snap)
     assert all("\n" not in n for n in snap.notes)
+
+
+class ExeDenied(RecordedKernel):
+    """A tree where every process's executable link is unreadable (EACCES)."""
+
+    def readlink(self, path: str) -> str:
+        if path.endswith("/exe"):
+            raise PermissionError(13, "Permission denied", path)
+        return super().readlink(path)
+
+
+@pytest.mark.parametrize("paths", [True, False])
+def test_unreadable_exe_paths_are_said_only_by_views_that_show_paths(paths):
+    with Observer(ExeDenied(os.path.join(TREES, "vm64")), paths=paths) as obs:
+        snap = obs.snapshot(100.0)
+    said = any("executable paths" in n for n in snap.notes)
+    assert said == paths, snap.notes
+    assert all(t.exe == "" for t in snap.threads)
+
+
+def test_rules_that_match_on_paths_still_read_them_when_views_do_not_show_them():
+    with Observer(ExeDenied(os.path.join(TREES, "vm64")), interest=lambda ident: False,
+                  paths=False) as obs:
+        snap = obs.snapshot(100.0)
+    assert any("executable paths" in n for n in snap.notes)

@@ -16,7 +16,7 @@ import os
 import re
 import shutil
 import subprocess
-import tarfile
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,8 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGING = ROOT / "packaging"
 UNIT = PACKAGING / "systemd" / "guestagent.service"
 RULE = PACKAGING / "udev" / "60-guestagent.rules"
+PACKAGES = ("guestagent", "guestagent-host", "python3-guestagent")
 CLEAN_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "HOME": "/root"}
-TOOLS = ("dpkg-buildpackage", "lintian", "rpmbuild", "rpm2cpio", "cpio", "rpmlint",
+TOOLS = ("git", "dpkg-buildpackage", "lintian", "rpmbuild", "rpm2cpio", "cpio", "rpmlint",
          "systemd-analyze", "udevadm", "unshare", "chroot")
 
 missing = [t for t in TOOLS if shutil.which(t, path=CLEAN_ENV["PATH"]) is None]
@@ -61,28 +62,63 @@ def copy_tree(dest: Path) -> Path:
     return dest
 
 
+def readme_recipe(tool: str) -> str:
+    """The build commands README.md gives for tool, joined into one shell command."""
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"\n\n((?:    .*\n)+)", text[text.index("## Install"):]).group(1)
+    lines = block.replace("\\\n", " ").splitlines()
+    return next(ln.strip() for ln in lines if tool in ln)
+
+
+def foreign_python_path() -> str:
+    """PATH with a python3 that is not Debian's first, as on machines with pyenv or a
+    virtualenv (the test suite's own interpreter, when it is not /usr/bin/python3)."""
+    here = os.path.dirname(sys.executable)
+    extra = [d for d in (here, "/root/.pyenv/shims") if d not in ("/usr/bin", "/bin")
+             and os.path.exists(os.path.join(d, "python3"))]
+    return ":".join(extra[:1] + [CLEAN_ENV["PATH"]])
+
+
 @pytest.fixture(scope="module")
-def deb(tmp_path_factory) -> Path:
+def debs(tmp_path_factory) -> dict[str, Path]:
+    """The three .debs, built with README's command while another python3 comes first."""
     work = tmp_path_factory.mktemp("deb")
     src = copy_tree(work / "guestagent")
-    shutil.copytree(src / "packaging" / "debian", src / "debian")
-    run(["dpkg-buildpackage", "-us", "-uc", "-b"], cwd=src)
-    return work / f"guestagent_{__version__}-1_all.deb"
+    proc = subprocess.run(["sh", "-c", readme_recipe("dpkg-buildpackage")], cwd=src,
+                          env=dict(CLEAN_ENV, PATH=foreign_python_path()),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {p: work / f"{p}_{__version__}-1_all.deb" for p in PACKAGES}
 
 
 @pytest.fixture(scope="module")
-def rpm(tmp_path_factory) -> Path:
+def deb(debs) -> Path:
+    return debs["guestagent"]
+
+
+@pytest.fixture(scope="module")
+def rpms(tmp_path_factory) -> dict[str, Path]:
+    """The three .rpms, built with README's commands in a fresh git checkout by a user
+    whose home has no ~/rpmbuild."""
     work = tmp_path_factory.mktemp("rpm")
-    top = f"guestagent-{__version__}"
-    copy_tree(work / top)
-    (work / "SOURCES").mkdir()
-    with tarfile.open(work / "SOURCES" / f"{top}.tar.gz", "w:gz") as tar:
-        tar.add(work / top, arcname=top)
+    src = copy_tree(work / "src")
+    home = work / "home"
+    home.mkdir()
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.org"]
+    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "tree"]):
+        run(git + cmd, cwd=src)
     # --nodeps: BuildRequires name Fedora packages, which a Debian host's rpm
     # database does not hold; the Debian equivalents are installed by .ci/run.
-    run(["rpmbuild", "-bb", "--nodeps", "--define", f"_topdir {work}",
-         str(PACKAGING / "rpm" / "guestagent.spec")])
-    return work / "RPMS" / "noarch" / f"{top}-1.noarch.rpm"
+    recipe = readme_recipe("git archive").replace("rpmbuild -bb", "rpmbuild -bb --nodeps")
+    proc = subprocess.run(["sh", "-c", recipe], cwd=src, env=dict(CLEAN_ENV, HOME=str(home)),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {p: src / "noarch" / f"{p}-{__version__}-1.noarch.rpm" for p in PACKAGES}
+
+
+@pytest.fixture(scope="module")
+def rpm(rpms) -> Path:
+    return rpms["guestagent"]
 
 
 class InstallRoot:
@@ -121,12 +157,26 @@ exec chroot "$M" "$@"
         return proc
 
 
-@pytest.fixture(scope="module")
-def installed(deb, tmp_path_factory) -> InstallRoot:
-    root = InstallRoot(tmp_path_factory.mktemp("installroot"))
-    root.add("/root/guestagent.deb", deb.read_bytes())
-    root.run("dpkg", "-i", "/root/guestagent.deb")
+def install_root(base: Path, debs: dict[str, Path], *names: str) -> InstallRoot:
+    root = InstallRoot(base)
+    for name in names:
+        root.add(f"/root/{name}.deb", debs[name].read_bytes())
+    root.run("dpkg", "-i", *(f"/root/{name}.deb" for name in names))
     return root
+
+
+@pytest.fixture(scope="module")
+def installed(debs, tmp_path_factory) -> InstallRoot:
+    """A guest: guestagent and the shared modules."""
+    return install_root(tmp_path_factory.mktemp("guestroot"), debs, "python3-guestagent",
+                        "guestagent")
+
+
+@pytest.fixture(scope="module")
+def host_installed(debs, tmp_path_factory) -> InstallRoot:
+    """A host: guestagent-host and the shared modules, no guest package."""
+    return install_root(tmp_path_factory.mktemp("hostroot"), debs, "python3-guestagent",
+                        "guestagent-host")
 
 
 # --- the .deb ---------------------------------------------------------------
@@ -143,22 +193,68 @@ def deb_arch() -> str:
     return run(["dpkg", "--print-architecture"]).stdout.strip()
 
 
-def test_deb_ships_every_piece(deb):
+SITE = "./usr/lib/python3/dist-packages/guestagent"
+# What each package must ship, and (by directory) what it must not.
+DEB_FILES = {
+    "guestagent": ("./usr/bin/guestagent", f"{SITE}/cli/__init__.py", f"{SITE}/agent/daemon.py",
+                   "./lib/systemd/system/guestagent.service",
+                   "./lib/udev/rules.d/60-guestagent.rules",
+                   "./usr/lib/sysusers.d/guestagent.conf",
+                   "./etc/guestagent/guestagent.toml", "./etc/default/guestagent",
+                   "./usr/share/man/man8/guestagent.8.gz",
+                   "./usr/share/man/man5/guestagent.toml.5.gz",
+                   "./usr/share/bash-completion/completions/guestagent",
+                   "./usr/share/doc/guestagent/protocol.md.gz",
+                   "./usr/share/doc/guestagent/cli-json.md.gz",
+                   "./usr/share/doc/guestagent/policy.md.gz"),
+    "guestagent-host": ("./usr/bin/guestagent-host", f"{SITE}/host/cli.py",
+                        "./lib/systemd/system/guestagent-host.service",
+                        "./etc/guestagent-host/guestagent-host.toml",
+                        "./etc/default/guestagent-host",
+                        "./usr/share/man/man8/guestagent-host.8.gz",
+                        "./usr/share/bash-completion/completions/guestagent-host",
+                        "./usr/share/doc/guestagent-host/host.md.gz",
+                        "./usr/share/doc/guestagent-host/protocol.md.gz",
+                        "./usr/share/doc/guestagent-host/cli-json.md.gz"),
+    "python3-guestagent": (f"{SITE}/__init__.py", f"{SITE}/protocol/region.py",
+                           f"{SITE}/transport/region_link.py", f"{SITE}/cmdline.py",
+                           f"{SITE}/display.py", f"{SITE}/observe/parse.py"),
+}
+NOT_IN = {"guestagent": (f"{SITE}/host/", "guestagent-host", f"{SITE}/protocol/"),
+          "guestagent-host": (f"{SITE}/agent/", f"{SITE}/cli/", "udev", "sysusers",
+                              f"{SITE}/protocol/"),
+          "python3-guestagent": (f"{SITE}/agent/", f"{SITE}/cli/", f"{SITE}/host/", "/bin/",
+                                 "/etc/", "systemd")}
+
+
+def deb_files(deb: Path) -> list[str]:
     listing = run(["dpkg-deb", "-c", str(deb)]).stdout
-    for path in ("./usr/bin/guestagent", "./usr/bin/guestagent-host",
-                 "./usr/lib/python3/dist-packages/guestagent/cli/__init__.py",
-                 "./lib/systemd/system/guestagent.service",
-                 "./lib/udev/rules.d/60-guestagent.rules",
-                 "./usr/lib/sysusers.d/guestagent.conf",
-                 "./etc/guestagent/guestagent.toml", "./etc/default/guestagent",
-                 "./usr/share/man/man8/guestagent.8.gz",
-                 "./usr/share/man/man8/guestagent-host.8.gz",
-                 "./usr/share/man/man5/guestagent.toml.5.gz"):
-        assert f" {path}\n" in listing + "\n", path
-    conffiles = run(["dpkg-deb", "-I", str(deb), "conffiles"]).stdout.split()
-    assert set(conffiles) == {"/etc/guestagent/guestagent.toml", "/etc/default/guestagent"}
-    depends = run(["dpkg-deb", "-f", str(deb), "Depends"]).stdout
-    assert "python3-pyudev" in depends
+    return [ln.split()[5] for ln in listing.splitlines() if not ln.endswith("/")]
+
+
+def test_each_deb_ships_its_side_only(debs):
+    owner: dict[str, str] = {}
+    for name, deb in debs.items():
+        files = deb_files(deb)
+        for path in DEB_FILES[name]:
+            assert path in files, f"{name} lacks {path}"
+        for path in files:
+            assert not any(bad in path for bad in NOT_IN[name]), f"{name} ships {path}"
+            assert path.startswith("./usr/share/doc/") or path.startswith(
+                "./usr/share/lintian/") or path not in owner, f"{path}: {owner.get(path)}, {name}"
+            owner[path] = name
+    conffiles = {n: set(run(["dpkg-deb", "-I", str(d), "conffiles"], check=False).stdout.split())
+                 for n, d in debs.items()}
+    assert conffiles == {
+        "guestagent": {"/etc/guestagent/guestagent.toml", "/etc/default/guestagent"},
+        "guestagent-host": {"/etc/guestagent-host/guestagent-host.toml",
+                            "/etc/default/guestagent-host"},
+        "python3-guestagent": set()}
+    depends = {n: run(["dpkg-deb", "-f", str(d), "Depends"]).stdout for n, d in debs.items()}
+    assert "python3-pyudev" in depends["guestagent"]
+    assert "python3-pyudev" not in depends["guestagent-host"] + depends["python3-guestagent"]
+    for side in ("guestagent", "guestagent-host"):
+        assert f"python3-guestagent (= {__version__}-1)" in depends[side]
 
 
 def test_installed_deb_runs_with_debian_python(installed):
@@ -172,7 +268,57 @@ def test_installed_deb_runs_with_debian_python(installed):
     tasks = installed.run("guestagent", "tasks", "--json")
     doc = json.loads(tasks.stdout)
     assert doc["tasks"], "the installed agent saw no tasks"
-    assert installed.run("guestagent-host", "--help").stdout.startswith("usage: guestagent-host")
+    assert installed.run("sh", "-c", "command -v guestagent-host", check=False).returncode != 0
+
+
+def test_host_package_runs_without_the_guest_package(host_installed):
+    """guestagent-host imports only its own modules and the shared ones."""
+    proc = host_installed.run("guestagent-host", "--help")
+    assert proc.stdout.startswith("usage: guestagent-host")
+    assert "needs a transport" in host_installed.run(
+        "guestagent-host", "run", "--pid", "1", check=False).stderr
+    absent = host_installed.run("python3", "-c", "import guestagent.agent", check=False)
+    assert absent.returncode != 0 and "No module named 'guestagent.agent'" in absent.stderr
+    status = host_installed.run("guestagent-host", "status", "--status-socket",
+                                "/run/none.sock", check=False)
+    assert status.returncode == 1 and "no guestagent-host running" in status.stderr
+    verify = host_installed.run("systemd-analyze", "verify",
+                                "/lib/systemd/system/guestagent-host.service", check=False)
+    assert verify.returncode == 0, verify.stderr
+    assert host_installed.run("man", "-w", "guestagent-host").stdout.strip()
+
+
+@pytest.mark.parametrize("side", ["guestagent", "guestagent-host"])
+def test_installed_bash_completion(side, installed, host_installed):
+    root = installed if side == "guestagent" else host_installed
+    first = "status" if side == "guestagent" else "restore"
+    script = (f". /usr/share/bash-completion/completions/{side}; "
+              f"COMP_WORDS=({side} {first[:3]}); COMP_CWORD=1; "
+              f"_{side.replace('-', '_')}; echo \"${{COMPREPLY[@]}}\"")
+    proc = root.run("bash", "-c", script)
+    assert first in proc.stdout.split(), proc.stdout + proc.stderr
+
+
+def test_installed_man_pages_have_exit_status_signals_files(installed, host_installed):
+    for root, page in ((installed, "guestagent"), (host_installed, "guestagent-host")):
+        text = root.run("sh", "-c", f"MANWIDTH=80 man {page} | col -b").stdout
+        for heading in ("EXIT STATUS", "SIGNALS", "FILES"):
+            assert f"\n{heading}\n" in text, (page, heading)
+        assert f"/usr/share/doc/{page}/cli-json.md" in text
+        doc = root.run("sh", "-c", f"zcat /usr/share/doc/{page}/cli-json.md.gz | head -1")
+        assert doc.stdout.startswith("# ")
+
+
+def test_host_config_file_shows_the_defaults():
+    """Uncommenting every key of the shipped host config (pin_cpus is an example) gives
+    exactly the built-in limits."""
+    from guestagent.host.config import HostLimits, parse_limits
+
+    text = (PACKAGING / "etc" / "guestagent-host.toml").read_text()
+    keys = [ln[1:] for ln in text.splitlines() if re.match(r"#[a-z_]+ = ", ln)
+            and not ln.startswith("#pin_cpus")]
+    assert len(keys) >= 10
+    assert parse_limits("\n".join(keys), "shipped") == HostLimits()
 
 
 def test_installed_agent_has_the_units_execstart(installed):
@@ -182,7 +328,7 @@ def test_installed_agent_has_the_units_execstart(installed):
 
 
 def test_installed_conffile_is_the_schema_default(installed):
-    from guestagent.config import render_default_toml
+    from guestagent.agent.config import render_default_toml
 
     shipped = installed.run("cat", "/etc/guestagent/guestagent.toml").stdout
     assert shipped == render_default_toml()
@@ -194,8 +340,8 @@ def test_installed_conffile_is_the_schema_default(installed):
 
 def test_install_creates_group_and_man_pages(installed):
     assert installed.run("getent", "group", "guestagent").stdout.startswith("guestagent:")
-    pages = installed.run("man", "-w", "guestagent", "guestagent-host", "guestagent.toml")
-    assert len(pages.stdout.split()) == 3
+    pages = installed.run("man", "-w", "guestagent", "guestagent.toml")
+    assert len(pages.stdout.split()) == 2
 
 
 def test_installed_unit_passes_systemd_analyze_verify(installed):
@@ -229,41 +375,75 @@ def rpm_payload(rpm: Path, dest: Path) -> list[str]:
     return [ln.lstrip(".") for ln in cpio.stderr.split()]
 
 
-def test_rpm_payload_runs_with_debian_python(rpm, tmp_path):
-    files = rpm_payload(rpm, tmp_path)
-    for path in ("/usr/bin/guestagent", "/usr/bin/guestagent-host",
-                 "/usr/lib/systemd/system/guestagent.service",
-                 "/usr/lib/udev/rules.d/60-guestagent.rules",
-                 "/usr/lib/sysusers.d/guestagent.conf",
-                 "/etc/guestagent/guestagent.toml", "/etc/sysconfig/guestagent",
-                 "/usr/share/man/man8/guestagent.8.gz",
-                 "/usr/share/man/man8/guestagent-host.8.gz",
-                 "/usr/share/man/man5/guestagent.toml.5.gz"):
-        assert path in files, path
-    sitelib = next(tmp_path.glob("usr/lib/python3*/site-packages"))
-    env = dict(CLEAN_ENV, PYTHONPATH=str(sitelib))
-    script = tmp_path / "usr" / "bin" / "guestagent"
-    assert script.read_text().startswith("#!/usr/bin/python3\n")
-    proc = subprocess.run(["/usr/bin/python3", str(script), "--version"], env=env,
-                          capture_output=True, text=True, timeout=60)
-    assert proc.stdout.strip() == f"guestagent {__version__}", proc.stderr
-    unit = (tmp_path / "usr/lib/systemd/system/guestagent.service").read_text()
-    assert "EnvironmentFile=-/etc/sysconfig/guestagent\n" in unit
-    assert "EnvironmentFile=-/etc/default/" not in unit
+RPM_FILES = {
+    "guestagent": ("/usr/bin/guestagent", "/usr/lib/systemd/system/guestagent.service",
+                   "/usr/lib/udev/rules.d/60-guestagent.rules",
+                   "/usr/lib/sysusers.d/guestagent.conf",
+                   "/etc/guestagent/guestagent.toml", "/etc/sysconfig/guestagent",
+                   "/usr/share/man/man8/guestagent.8.gz",
+                   "/usr/share/man/man5/guestagent.toml.5.gz",
+                   "/usr/share/bash-completion/completions/guestagent",
+                   "/usr/share/doc/guestagent/protocol.md",
+                   "/usr/share/doc/guestagent/cli-json.md", "/usr/share/doc/guestagent/policy.md"),
+    "guestagent-host": ("/usr/bin/guestagent-host",
+                        "/usr/lib/systemd/system/guestagent-host.service",
+                        "/etc/guestagent-host/guestagent-host.toml",
+                        "/etc/sysconfig/guestagent-host",
+                        "/usr/share/man/man8/guestagent-host.8.gz",
+                        "/usr/share/bash-completion/completions/guestagent-host",
+                        "/usr/share/doc/guestagent-host/host.md"),
+    "python3-guestagent": (),
+}
 
 
-def test_rpm_metadata(rpm):
-    config = run(["rpm", "-qp", "--configfiles", str(rpm)]).stdout.split()
-    assert set(config) == {"/etc/guestagent/guestagent.toml", "/etc/sysconfig/guestagent"}
-    requires = run(["rpm", "-qp", "--requires", str(rpm)]).stdout
-    assert "python3-pyudev" in requires
-    scripts = run(["rpm", "-qp", "--scripts", str(rpm)]).stdout
+def test_rpm_payloads_run_with_debian_python(rpms, tmp_path):
+    for name, rpm in rpms.items():
+        files = rpm_payload(rpm, tmp_path / name)
+        for path in RPM_FILES[name]:
+            assert path in files, f"{name} lacks {path}"
+        rel = "/" + SITE.split("/", 1)[1]
+        assert not any(bad.replace(SITE, rel) in f.replace("python3.11/site-packages",
+                                                           "python3/dist-packages")
+                       for f in files for bad in NOT_IN[name]), name
+    for side in ("guestagent", "guestagent-host"):
+        # As installed: the side's package and the shared one in one root.
+        root = tmp_path / f"{side}-root"
+        rpm_payload(rpms[side], root)
+        rpm_payload(rpms["python3-guestagent"], root)
+        sitelib = next(root.glob("usr/lib/python3*/site-packages"))
+        env = dict(CLEAN_ENV, PYTHONPATH=str(sitelib))
+        script = root / "usr" / "bin" / side
+        assert script.read_text().startswith("#!/usr/bin/python3\n")
+        proc = subprocess.run(["/usr/bin/python3", str(script), "--version"], env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.stdout.strip() == f"{side} {__version__}", proc.stderr
+    for unit, env_file in (("guestagent", "guestagent"), ("guestagent-host", "guestagent-host")):
+        text = (tmp_path / unit / f"usr/lib/systemd/system/{unit}.service").read_text()
+        assert f"EnvironmentFile=-/etc/sysconfig/{env_file}\n" in text
+        assert "EnvironmentFile=-/etc/default/" not in text
+
+
+def test_rpm_metadata(rpms):
+    config = {n: set(run(["rpm", "-qp", "--configfiles", str(r)]).stdout.split())
+              for n, r in rpms.items()}
+    assert config == {
+        "guestagent": {"/etc/guestagent/guestagent.toml", "/etc/sysconfig/guestagent"},
+        "guestagent-host": {"/etc/guestagent-host/guestagent-host.toml",
+                            "/etc/sysconfig/guestagent-host"},
+        "python3-guestagent": set()}
+    requires = {n: run(["rpm", "-qp", "--requires", str(r)]).stdout for n, r in rpms.items()}
+    assert "python3-pyudev" in requires["guestagent"]
+    assert "pyudev" not in requires["guestagent-host"] + requires["python3-guestagent"]
+    for side in ("guestagent", "guestagent-host"):
+        assert f"python3-guestagent = {__version__}-1" in requires[side]
+    scripts = run(["rpm", "-qp", "--scripts", str(rpms["guestagent"])]).stdout
     assert "groupadd -r guestagent" in scripts
 
 
-def test_rpmlint_is_clean(rpm):
-    proc = run(["rpmlint", "-c", str(PACKAGING / "rpm" / "rpmlint.toml"), str(rpm),
-                str(PACKAGING / "rpm" / "guestagent.spec")], check=False)
+def test_rpmlint_is_clean(rpms):
+    proc = run(["rpmlint", "-c", str(PACKAGING / "rpm" / "rpmlint.toml"),
+                *map(str, rpms.values()), str(PACKAGING / "rpm" / "guestagent.spec")],
+               check=False)
     assert proc.returncode == 0, proc.stdout
     assert "0 errors, 0 warnings" in proc.stdout, proc.stdout
 

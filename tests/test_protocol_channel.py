@@ -45,10 +45,10 @@ CAP = VcpuCapacity(0, 512, 1, 300, AppliedFlag.BOOSTED, 7)
 
 # The exact bytes docs/protocol.md shows; a change here changes the wire format.
 GOLDEN = [
-    (Hello(Feature.CAPACITY | Feature.COLOCATION, 1234, 2),
+    (Hello(Feature.CAPACITY | Feature.COLOCATION, 1234, 2, minor=0),  # a 1.0 guest
      b'{"type":"hello","protocol":"org.guestagent.sched","version":[1,0],"features":3,'
      b'"epoch":1234,"nr_vcpus":2}\n'),
-    (Welcome(True, Feature.CAPACITY, 5678),
+    (Welcome(True, Feature.CAPACITY, 5678, minor=0),  # a 1.0 host
      b'{"type":"welcome","protocol":"org.guestagent.sched","version":[1,0],"accepted":true,'
      b'"features":1,"epoch":5678,"reason":""}\n'),
     (Hints(7, (VcpuHint(0), BOOST)),
@@ -60,6 +60,12 @@ GOLDEN = [
     (Error("line-too-long", "dropped"),
      b'{"type":"error","code":"line-too-long","message":"dropped"}\n'),
     (Sync(42), b'{"type":"sync","id":42}\n'),
+    # 1.1
+    (Hello(Feature.CAPACITY | Feature.COLOCATION, 1234, 2),
+     b'{"type":"hello","protocol":"org.guestagent.sched","version":[1,1],"features":3,'
+     b'"epoch":1234,"nr_vcpus":2}\n'),
+    (Heartbeat(12, PeerState.RUNNING, 5678),
+     b'{"type":"heartbeat","seq":12,"state":2,"epoch":5678}\n'),
     (SyncAck(42), b'{"type":"sync-ack","id":42}\n'),
 ]
 

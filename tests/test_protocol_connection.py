@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from guestagent.protocol.channel import MAX_LINE, encode_message
+import pytest
+
+from guestagent.protocol.channel import MAX_LINE, decode_line, encode_message
 from guestagent.protocol.connection import (
     BadLine,
     GuestConnection,
     HostConnection,
     Resync,
 )
+from guestagent.protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from guestagent.protocol.messages import (
     Ack,
     Capacity,
@@ -67,8 +70,10 @@ def test_unknown_major_refused_cleanly():
     (welcome,) = pump(host, guest)
     assert not welcome.accepted and "2.0 not supported" in welcome.reason
     assert guest.state == "refused" and guest.refusal == welcome.reason
-    guest.send(HINTS)  # a refused guest's hints are not delivered
-    assert pump(guest, host) == []
+    with pytest.raises(LocalProtocolError, match="cannot send Hints while the link is refused"):
+        guest.send(HINTS)  # a refused guest may not send hints
+    # and a host does not deliver those of a guest that sends them anyway
+    assert host.receive_data(encode_message(HINTS)) == [] and host.counters.stale == 1
 
 
 def test_host_ignores_hints_before_hello_and_lines_before_sync_ack():
@@ -119,3 +124,30 @@ def test_oversized_line_dropped_with_error_to_peer():
     assert host.counters.dropped_lines == 1
     (err,) = pump(host, guest)
     assert isinstance(err, Error) and err.code == "line-too-long"
+
+
+def test_sends_the_state_does_not_allow_are_refused_locally():
+    guest, host = pair()
+    with pytest.raises(LocalProtocolError, match="while the link is down"):
+        guest.send(Heartbeat(1, PeerState.RUNNING))  # not connected
+    guest.connect()
+    with pytest.raises(LocalProtocolError, match="cannot send Hints while the link is negotiating"):
+        guest.send(HINTS)  # not welcomed yet
+    guest.send(Heartbeat(1, PeerState.STARTING))  # alive while negotiating is fine
+    pump(guest, host)
+    with pytest.raises(LocalProtocolError, match="cannot send Capacity"):
+        HostConnection(Feature.CAPACITY, epoch=1).send(Capacity(1, ()))
+    with pytest.raises(LocalProtocolError):
+        host.send(HINTS)  # a guest-only message, whatever the state
+    assert host.allows(Ack) and not guest.allows(Ack)
+
+
+def test_remote_and_local_errors_are_distinct_types():
+    guest, host = pair()
+    with pytest.raises(RemoteProtocolError):
+        decode_line(b'{"type": "ack"}')  # the peer's fault
+    with pytest.raises(LocalProtocolError):
+        encode_message(Hints(1, (VcpuHint(1),)))  # ours: entry 0 is for vCPU 1
+    assert not issubclass(LocalProtocolError, RemoteProtocolError)
+    assert issubclass(LocalProtocolError, ProtocolError)
+    assert issubclass(RemoteProtocolError, ProtocolError)

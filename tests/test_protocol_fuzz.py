@@ -26,6 +26,7 @@ from guestagent.protocol.region import (
     decode_host_control,
     decode_host_slot,
 )
+from guestagent.protocol.session import GuestRegionSession, HostRegionSession
 
 DEFAULT_EXAMPLES = 200
 # the fuzz-marked tests also run (briefly) in the default suite unless deselected
@@ -71,6 +72,19 @@ def check_region(data: bytes) -> None:
         check_layout(decode_header(data), len(data))
     except ProtocolError:
         pass
+    # the sessions take any bytes as the peer's lines and header
+    line = data.ljust(64, b"\0")[:64]
+    guest = GuestRegionSession(Feature.CAPACITY, 1, 2)
+    if guest.receive_host(1, line, 0.0):
+        guest.receive_capacity([line, line], 0.0)
+    guest.state(0.0)
+    host = HostRegionSession(Feature.CAPACITY, 2)
+    if host.receive_guest(line, 0.0):
+        host.judge(data.ljust(128, b"\0")[:128], len(data))
+    if host.wants_hints(0.0):
+        host.receive_hints(())
+    host.check_header(data[:128])
+    host.state(0.0)
 
 
 def check_stream(chunks: list[bytes]) -> None:

@@ -98,7 +98,9 @@ CAP = VcpuCapacity(3, 768, 5, 256, AppliedFlag.BOOSTED | AppliedFlag.PINNED, 41)
 
 def test_golden_header():
     assert len(GOLDEN_HEADER_4) == 128
-    assert encode_header(RegionLayout(4)) == GOLDEN_HEADER_4
+    assert encode_header(RegionLayout(4), abi_minor=0) == GOLDEN_HEADER_4  # a 1.0 guest's
+    assert encode_header(RegionLayout(4)) == GOLDEN_HEADER_4[:42] + b"\x01\x00" + \
+        GOLDEN_HEADER_4[44:]  # 1.1: only the minor differs
     header = decode_header(GOLDEN_HEADER_4)
     assert header == RegionHeader(1, 0, RegionLayout(4))
     assert check_layout(header, 768) == RegionLayout(4)
@@ -143,7 +145,7 @@ def test_out_of_range_values_are_clamped_or_defaulted():
     assert hint == VcpuHint(1, Request.NEUTRAL, SchedClass.OTHER, 99, -20, HintFlag(15), 0xFFFF)
     raw = h("00000000 ffff 00f0 feffffff ffffffff") + bytes(48)
     cap = decode_host_slot(2, raw)
-    assert cap == VcpuCapacity(2, 1024, -1, -1, AppliedFlag(63), 0)
+    assert cap == VcpuCapacity(2, 1024, -1, -1, AppliedFlag(127), 0)
     # encoding clamps the same way, so what is written is what will be read
     wild = VcpuHint(0, Request.BOOST, SchedClass.RR, 500, 99, HintFlag.NONE, 0)
     assert decode_guest_slot(0, encode_guest_slot(wild, 1))[0].rt_priority == 99

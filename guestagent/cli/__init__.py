@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
-import sys
 from collections.abc import Sequence
-from typing import Callable
 
 from guestagent import __version__
-from guestagent.errors import GuestagentError
+from guestagent.cmdline import Parser, dispatch, run_command
+
+__all__ = ["AREAS", "Parser", "build_parser", "dispatch", "main", "run_command"]
 
 AREAS = ("guestagent.cli.observe", "guestagent.cli.agent", "guestagent.cli.cloudinit")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="guestagent",
         description="Tell the hypervisor host what the guest's scheduler knows.",
     )
@@ -30,41 +29,6 @@ def build_parser() -> argparse.ArgumentParser:
     for name in AREAS:
         importlib.import_module(name).register(sub)
     return parser
-
-
-def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namespace,
-                prog: str) -> int:
-    """Run a handler, turning expected failures into one line on stderr."""
-    try:
-        code = func(args)
-        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
-        return code
-    except GuestagentError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 1
-    except BrokenPipeError:
-        # The reader went away (`| head`): stop quietly, and point stdout at
-        # /dev/null so the interpreter's final flush has nothing to complain of.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-    except PermissionError as err:
-        print(f"{prog}: error: permission denied: {err.filename or err}", file=sys.stderr)
-        return 1
-    except OSError as err:
-        where = f": {err.filename}" if err.filename else ""
-        print(f"{prog}: error: {err.strerror or err}{where}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-
-
-def dispatch(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
-    """Parse argv and run the chosen subcommand's handler (help when none is chosen)."""
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    return run_command(args.func, args, parser.prog)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,7 +9,8 @@ import os
 import sys
 import time
 
-from guestagent.config import DEFAULT_PATH, default_config, load_config, render_config
+from guestagent.agent.config import DEFAULT_PATH, default_config, load_config, render_config
+from guestagent.cli.args import positive_int, seconds
 from guestagent.errors import GuestagentError
 
 SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
@@ -45,7 +46,7 @@ def _config(args: argparse.Namespace):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from guestagent.daemon import Agent
+    from guestagent.agent.daemon import Agent
 
     config, path = _config(args)
     setup_logging(args.log_level or config.agent["log_level"])
@@ -63,7 +64,7 @@ def _socket(args: argparse.Namespace) -> str:
 
 
 def _ask(args: argparse.Namespace, cmd: str) -> dict:
-    from guestagent.control import call
+    from guestagent.agent.control import call
 
     return call(_socket(args), cmd)
 
@@ -77,7 +78,7 @@ def _print(data: dict, as_json: bool, render) -> None:
 
 
 def status_text(data: dict) -> str:
-    from guestagent.report import table
+    from guestagent.display import escape, table
 
     t = data["transport"]
     heard = t.get("host_heard_s")
@@ -100,9 +101,9 @@ def status_text(data: dict) -> str:
         ("steered", str(data["steered_tasks"])),
         ("errors", ", ".join(f"{k} {v}" for k, v in sorted(data["errors"].items())) or "none"),
     ]
-    text = table(("", ""), rows).split("\n", 1)[1]
+    text = table(None, rows)
     if data["notes"]:
-        text += "\nnotes:\n" + "\n".join(f"  {n}" for n in data["notes"])
+        text += "\nnotes:\n" + "\n".join(f"  {escape(n)}" for n in data["notes"])
     return text
 
 
@@ -113,10 +114,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def hints_once(config) -> dict:
     """Hints computed from the live system, for when no agent runs."""
-    from guestagent.daemon import interest_for
+    from guestagent.agent.daemon import interest_for
+    from guestagent.agent.policy import PolicyState, decide
+    from guestagent.agent.report import hints_json
     from guestagent.observe import Observer
-    from guestagent.policy import PolicyState, decide
-    from guestagent.report import hints_json
 
     with Observer(interest=interest_for(config), watch=False) as observer:
         observer.snapshot(time.monotonic())
@@ -128,7 +129,7 @@ def hints_once(config) -> dict:
 
 
 def cmd_hints(args: argparse.Namespace) -> int:
-    from guestagent.report import hints_table
+    from guestagent.agent.report import hints_table
 
     try:
         data = _ask(args, "hints")
@@ -144,31 +145,16 @@ def cmd_hints(args: argparse.Namespace) -> int:
 
 
 def cmd_capacity(args: argparse.Namespace) -> int:
-    from guestagent.report import capacity_table
+    from guestagent.agent.report import capacity_table
 
     _print(_ask(args, "capacity"), args.json, capacity_table)
     return 0
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    from guestagent.report import capacity_table, hints_table
+    from guestagent.cli.watch import run_watch
 
-    shown = 0
-    while args.count is None or shown < args.count:
-        status, hints, capacity = (_ask(args, c) for c in ("status", "hints", "capacity"))
-        if args.json:
-            print(json.dumps({"status": status, "hints": hints, "capacity": capacity},
-                             sort_keys=True), flush=True)
-        else:
-            screen = "\n\n".join((status_text(status), hints_table(hints),
-                                  capacity_table(capacity)))
-            # Home the cursor and clear below it: the table refreshes in place.
-            sys.stdout.write("\x1b[H\x1b[J" + screen + "\n")
-            sys.stdout.flush()
-        shown += 1
-        if args.count is None or shown < args.count:
-            time.sleep(args.interval)
-    return 0
+    return run_watch(lambda cmd: _ask(args, cmd), args.interval, args.count, args.json)
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
@@ -177,15 +163,44 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return 0
 
 
+def config_warnings(config) -> list[str]:
+    """Settings that validate but do nothing: said by `config check`, not errors."""
+    out = []
+    for rule in config.rules:
+        name = f"rule {rule.name!r}"
+        if rule.steer and not config.steering["enabled"]:
+            out.append(f"{name}: steer = true has no effect while [steering] enabled = false")
+        if rule.sched in ("fifo", "rr", "deadline") and rule.nice != 0:
+            out.append(f"{name}: nice is ignored with sched = {rule.sched!r} "
+                       "(it applies to sched = \"other\")")
+        if rule.sched == "other" and rule.priority != 1:
+            out.append(f"{name}: priority is ignored with sched = \"other\" (use nice)")
+    return out
+
+
+def _config_file(args: argparse.Namespace) -> str:
+    """`config check FILE` and `config check --config FILE` (dump likewise) name the same."""
+    if args.file and args.config and args.file != args.config:
+        raise GuestagentError(f"two files given: {args.file} and --config {args.config}")
+    return args.file or args.config or DEFAULT_PATH
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
-    path = args.file or DEFAULT_PATH
+    from guestagent.display import escape
+
+    path = _config_file(args)
     config = load_config(path)
-    print(f"{path}: OK ({len(config.rules)} rules)")
+    for warning in config_warnings(config):
+        print(f"guestagent: warning: {escape(path)}: {escape(warning)}", file=sys.stderr)
+    n = len(config.rules)
+    print(f"{escape(path)}: OK ({n} {'rule' if n == 1 else 'rules'})")
     return 0
 
 
 def cmd_config_dump(args: argparse.Namespace) -> int:
-    config, _ = _config(args)
+    path = _config_file(args)
+    config = load_config(path, missing_ok=path == DEFAULT_PATH and not args.file
+                         and not args.config)
     sys.stdout.write(render_config(config))
     return 0
 
@@ -224,11 +239,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     common(p)
     p.set_defaults(func=cmd_capacity)
 
-    p = sub.add_parser("watch", help="a live view of status, hints and capacity")
+    p = sub.add_parser("watch", help="a live view of status, hints and capacity",
+                       description="On a terminal: redraws in place, fitted to its size, "
+                       "with the time and what changed since the last refresh; q quits. "
+                       "Otherwise one plain block per refresh. Waits for an agent that "
+                       "stops answering (a restart). --json: one line per refresh.")
     common(p)
-    p.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
-                   help="refresh period (default 1)")
-    p.add_argument("--count", type=int, metavar="N", help="stop after N refreshes")
+    p.add_argument("--interval", type=seconds(0.1), default=1.0, metavar="SECONDS",
+                   help="refresh period (default 1, at least 0.1)")
+    p.add_argument("--count", type=positive_int, metavar="N", help="stop after N refreshes")
     p.set_defaults(func=cmd_watch)
 
     p = sub.add_parser("reload", help="make the running agent re-read its configuration")
@@ -237,9 +256,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("config", help="check or show the configuration")
     csub = p.add_subparsers(dest="config_command", metavar="ACTION")
-    c = csub.add_parser("check", help="validate a configuration file")
-    c.add_argument("file", nargs="?", metavar="FILE", help=f"default {DEFAULT_PATH}")
-    c.set_defaults(func=cmd_config_check)
-    c = csub.add_parser("dump", help="print the effective configuration, every key explicit")
-    c.add_argument("--config", metavar="FILE", help=f"default {DEFAULT_PATH}")
-    c.set_defaults(func=cmd_config_dump)
+    for action, func, what in (
+            ("check", cmd_config_check, "validate a configuration file; warn about settings "
+             "that have no effect"),
+            ("dump", cmd_config_dump, "print the effective configuration, every key explicit")):
+        c = csub.add_parser(action, help=what)
+        c.add_argument("file", nargs="?", metavar="FILE", help=f"default {DEFAULT_PATH}")
+        c.add_argument("--config", metavar="FILE", help="the same as FILE")
+        c.set_defaults(func=func)

@@ -11,8 +11,10 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
-from typing import Any, Callable
+from typing import Callable
+
+from guestagent.cli.args import cpu_number, seconds
+from guestagent.display import escape, table
 
 SCHEMA_VERSION = 1
 
@@ -21,14 +23,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     tasks = sub.add_parser("tasks", help="threads with a real-time policy, a nice level, or "
                            "(with --all) every thread")
     tasks.add_argument("--rt", action="store_true", help="only FIFO, RR and DEADLINE threads")
-    tasks.add_argument("--cpu", type=int, metavar="N", help="only threads allowed on CPU N")
+    tasks.add_argument("--cpu", type=cpu_number, metavar="N",
+                       help="only threads allowed on CPU N")
     tasks.add_argument("--all", action="store_true", help="every thread, not only those "
                        "with a non-default policy or nice")
     _common(tasks)
     tasks.set_defaults(func=cmd_tasks)
 
     irqs = sub.add_parser("irqs", help="interrupts: affinity, rate, IRQ threads, NIC queues")
-    irqs.add_argument("--cpu", type=int, metavar="N",
+    irqs.add_argument("--cpu", type=cpu_number, metavar="N",
                       help="only IRQs delivered to CPU N (effective affinity)")
     irqs.add_argument("--threaded", action="store_true", help="only IRQs with IRQ threads")
     _common(irqs, interval=True)
@@ -45,12 +48,14 @@ def _common(p: argparse.ArgumentParser, interval: bool = False) -> None:
     p.add_argument("--tree", metavar="DIR", help="read a recorded /proc and /sys tree "
                    "(DIR/proc, DIR/sys) instead of this machine")
     if interval:
-        p.add_argument("--interval", type=float, default=0.25, metavar="SECONDS",
+        p.add_argument("--interval", type=seconds(0.01, allow_zero=True), default=0.25,
+                       metavar="SECONDS",
                        help="time between the two sweeps that give rates (default 0.25; "
                        "0 for one sweep, rates then show 0)")
 
 
-def _snapshots(args: argparse.Namespace, interest: Callable | None = None):
+def _snapshots(args: argparse.Namespace, interest: Callable | None = None,
+               paths: bool = True):
     """Take the snapshot(s) a view needs; notes go to stderr."""
     from guestagent.errors import GuestagentError
     from guestagent.observe import Observer, RecordedKernel
@@ -62,8 +67,9 @@ def _snapshots(args: argparse.Namespace, interest: Callable | None = None):
         if not os.path.isdir(os.path.join(args.tree, "proc")):
             raise GuestagentError(f"{args.tree} is not a recorded tree (no proc/ inside)")
         kernel = RecordedKernel(args.tree)
-    with Observer(kernel, interest=interest, watch=False) as obs:
+    with Observer(kernel, interest=interest, watch=False, paths=paths) as obs:
         snap = obs.snapshot(time.monotonic())
+        _check_cpu(args, snap)
         notes = list(snap.notes)
         interval = getattr(args, "interval", 0) or 0
         if interval > 0 and not args.tree:
@@ -71,25 +77,26 @@ def _snapshots(args: argparse.Namespace, interest: Callable | None = None):
             snap = obs.snapshot(time.monotonic())
             notes += [n for n in snap.notes if n not in notes]
     for note in notes:
-        print(f"guestagent: note: {note}", file=sys.stderr)
+        print(f"guestagent: note: {escape(note)}", file=sys.stderr)
     return snap
+
+
+def _check_cpu(args: argparse.Namespace, snap) -> None:
+    """--cpu must name a CPU the machine (or tree) has, so an empty table means none."""
+    from guestagent.errors import GuestagentError
+
+    cpu = getattr(args, "cpu", None)
+    known = snap.cpus.possible | snap.cpus.online
+    if cpu is not None and known and cpu not in known:
+        raise GuestagentError(f"--cpu {cpu}: no such CPU; this "
+                              f"{'tree' if args.tree else 'machine'} has CPUs "
+                              f"{_cpus_text(known)}")
 
 
 def _cpus_text(cpus) -> str:
     from guestagent.observe.parse import format_cpulist
 
     return format_cpulist(cpus) or "-"
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """Left-aligned columns; the last column is not padded (it holds free text)."""
-    cells = [list(map(str, headers))] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = []
-    for r in cells:
-        parts = [c.ljust(w) for c, w in zip(r[:-1], widths[:-1])] + [r[-1]]
-        lines.append("  ".join(parts).rstrip())
-    return "\n".join(lines)
 
 
 def _emit(args: argparse.Namespace, kind: str, doc: dict, text: str) -> int:
@@ -126,9 +133,9 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     threads = [t for t in snap.threads
                if (not args.rt or t.is_rt) and (args.cpu is None or args.cpu in t.affinity)]
     rows = [(t.tid, t.tgid, t.policy.name, _prio_text(t), t.nice, _cpus_text(t.affinity),
-             t.last_cpu, t.state, t.unit or t.cgroup or "-", t.comm.replace("\n", "\\n"))
+             t.last_cpu, t.state, t.unit or t.cgroup or "-", t.comm)
             for t in threads]
-    text = _table(("TID", "PID", "POLICY", "PRIO", "NICE", "AFFINITY", "CPU", "S", "UNIT",
+    text = table(("TID", "PID", "POLICY", "PRIO", "NICE", "AFFINITY", "CPU", "S", "UNIT",
                    "COMM"), rows)
     doc = {"nr_threads": snap.nr_threads, "tasks": [thread_json(t) for t in threads],
            "notes": list(snap.notes)}
@@ -136,7 +143,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def cmd_irqs(args: argparse.Namespace) -> int:
-    snap = _snapshots(args)
+    snap = _snapshots(args, paths=False)  # shows no executable paths
     irqs = [i for i in snap.irqs
             if (not args.threaded or i.threads)
             and (args.cpu is None or args.cpu in (i.effective_affinity or i.affinity))]
@@ -146,7 +153,7 @@ def cmd_irqs(args: argparse.Namespace) -> int:
         rows.append((i.irq, _cpus_text(i.effective_affinity), _cpus_text(i.affinity),
                      f"{i.rate:.1f}", i.total, thread, ",".join(i.netdevs) or "-",
                      i.chip, i.hwirq or "-", ", ".join(i.actions) or "-"))
-    text = _table(("IRQ", "EFFECTIVE", "AFFINITY", "RATE/s", "TOTAL", "THREADS", "NETDEV",
+    text = table(("IRQ", "EFFECTIVE", "AFFINITY", "RATE/s", "TOTAL", "THREADS", "NETDEV",
                    "CHIP", "HWIRQ", "ACTIONS"), rows)
     doc = {"irqs": [{
         "irq": i.irq, "chip": i.chip, "hwirq": i.hwirq, "actions": list(i.actions),
@@ -160,7 +167,7 @@ def cmd_irqs(args: argparse.Namespace) -> int:
 def cmd_cpus(args: argparse.Namespace) -> int:
     from guestagent.observe import pinned_critical
 
-    snap = _snapshots(args)
+    snap = _snapshots(args, paths=False)  # shows no executable paths
     c = snap.cpus
     pinned = pinned_critical(snap)
     rows = []
@@ -177,7 +184,7 @@ def cmd_cpus(args: argparse.Namespace) -> int:
                      _yes(cpu in c.nohz_full), _yes(cpu in c.partitions),
                      "-" if steal is None else f"{steal * 100:.1f}%",
                      "; ".join(pinned.get(cpu, ())) or "-"))
-    text = _table(("CPU", "ONLINE", "ISOLATED", "NOHZ_FULL", "PARTITION", "STEAL",
+    text = table(("CPU", "ONLINE", "ISOLATED", "NOHZ_FULL", "PARTITION", "STEAL",
                    "PINNED_CRITICAL"), rows)
     doc = {"possible": sorted(c.possible), "online": sorted(c.online),
            "isolated": sorted(c.isolated), "nohz_full": sorted(c.nohz_full),

@@ -9,15 +9,18 @@ file (an UndoJournal), so a peer killed with SIGKILL can still be undone.
 
 from __future__ import annotations
 
+import errno
 import os
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Callable
 
 from guestagent.errors import GuestagentError
 from guestagent.host.discovery import VcpuThread, thread_start_time
-from guestagent.host.settings import POLICY_MASK, ThreadSettings
+from guestagent.host.settings import ThreadSettings
 from guestagent.host.undo import ProcessId
+from guestagent.sched import POLICY_MASK
 
 if TYPE_CHECKING:  # statefile imports this module for read/write_settings
     from guestagent.host.statefile import UndoJournal
@@ -65,6 +68,7 @@ class ThreadApplier:
         self.current: dict[int, ThreadSettings] = dict(self.originals)
         self.changed: set[int] = set()
         self.gone: set[int] = set()
+        self.refused: Counter[int] = Counter()  # per thread: changes the kernel refused (EPERM)
 
     def tids(self) -> Mapping[int, int]:
         return {v: t.tid for v, t in self._threads.items() if v not in self.gone}
@@ -100,6 +104,8 @@ class ThreadApplier:
             self.changed.discard(vcpu)
             return None
         except OSError as err:
+            if err.errno == errno.EPERM:
+                self.refused[vcpu] += 1
             self._log(f"vCPU {vcpu} (tid {tid}): cannot set {settings.describe()}: "
                       f"{err.strerror or err}")
             try:

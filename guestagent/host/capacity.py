@@ -10,15 +10,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from guestagent.host.discovery import stat_fields
-from guestagent.observe.parse import CpuTimes, ParseError, parse_proc_stat_times
+from guestagent.linux.procfs import CpuTimes, ParseError, parse_proc_stat_times, parse_stat
 from guestagent.protocol.model import CAPACITY_MAX, AppliedFlag, VcpuCapacity
 
 
 @dataclass(frozen=True)
 class ThreadTimes:
     run: int  # utime + stime, USER_HZ ticks
-    pcpu: int  # CPU it last ran on (stat field 39)
+    pcpu: int  # CPU it last ran on
 
 
 @dataclass(frozen=True)
@@ -27,12 +26,12 @@ class Sample:
     threads: Mapping[int, ThreadTimes]  # vCPU -> its thread's times
 
 
-def parse_task_stat(text: str) -> ThreadTimes | None:
+def parse_task_stat(raw: bytes) -> ThreadTimes | None:
     try:
-        fields = stat_fields(text)
-        return ThreadTimes(run=int(fields[11]) + int(fields[12]), pcpu=int(fields[36]))
-    except (ValueError, IndexError):
+        stat = parse_stat(raw)
+    except ParseError:
         return None
+    return ThreadTimes(run=stat.cpu_ticks, pcpu=stat.last_cpu)
 
 
 def vcpu_capacity(before: Sample, after: Sample, vcpu: int) -> tuple[int, int, int]:
@@ -77,7 +76,7 @@ def read_sample(pid: int, tids: Mapping[int, int]) -> Sample:
     threads: dict[int, ThreadTimes] = {}
     for vcpu, tid in tids.items():
         try:
-            with open(f"/proc/{pid}/task/{tid}/stat", encoding="utf-8", errors="replace") as f:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
                 times = parse_task_stat(f.read())
         except OSError:
             continue

@@ -12,29 +12,59 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from guestagent import __version__
-from guestagent.cli import dispatch
+from guestagent.cmdline import Parser, dispatch
 from guestagent.errors import GuestagentError
 from guestagent.host.status import DEFAULT_STATUS_SOCKET
+from guestagent.linux.procfs import format_cpulist
 from guestagent.protocol.model import CAPACITY_MAX
 
 DEFAULT_STATE_DIR = "/run/guestagent-host"  # state files of the peers, one per VM
+DEFAULT_SERVICE_CONFIG = "/etc/guestagent-host/guestagent-host.toml"  # for `serve`
 
 CONTEND_DEFAULT = 0  # a vCPU named by --contend alone is reported as fully contended
 
 
 def _contend(text: str) -> tuple[int, int]:
-    vcpu, _, cap = text.partition("=")
+    vcpu, eq, cap = text.partition("=")
     try:
-        pair = int(vcpu), int(cap) if cap else CONTEND_DEFAULT
+        pair = int(vcpu), int(cap) if eq else CONTEND_DEFAULT
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected VCPU[=CAPACITY]") from None
-    if pair[0] < 0 or not 0 <= pair[1] <= CAPACITY_MAX:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected VCPU or VCPU=CAPACITY, "
+                                         "whole numbers") from None
+    if pair[0] < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: vCPU numbers start at 0")
+    if not 0 <= pair[1] <= CAPACITY_MAX:
         raise argparse.ArgumentTypeError(f"{text!r}: capacity must be 0..{CAPACITY_MAX}")
     return pair
 
 
+def check_run_args(args: argparse.Namespace) -> None:
+    """What argparse cannot say: a transport is needed, --listen needs --channel."""
+    if args.channel is None and args.region is None:
+        raise GuestagentError("run needs a transport: --channel SOCK (virtio-serial) or "
+                              "--region FILE (ivshmem)")
+    if args.listen and args.channel is None:
+        raise GuestagentError("--listen applies to --channel only")
+    if args.region is not None and os.path.isdir(args.region):
+        raise GuestagentError(f"--region {args.region}: a directory, not a region file "
+                              "(QEMU's memory-backend-file mem-path, under /dev/shm)")
+
+
+def check_against_vm(limits, vcpus: Sequence[int], online: frozenset[int]) -> None:
+    """--contend and pin_cpus must name vCPUs this VM has and CPUs this host has online."""
+    bad = sorted(set(limits.contend) - set(vcpus))
+    if bad:
+        raise GuestagentError(f"--contend {bad[0]}: the VM has vCPUs "
+                              f"{format_cpulist(frozenset(vcpus)) or 'none'}")
+    if limits.pin_cpus is not None:
+        off = sorted(limits.pin_cpus - online)
+        if off:
+            raise GuestagentError(f"pin_cpus: CPU {off[0]} is not online; online CPUs: "
+                                  f"{format_cpulist(online)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="guestagent-host",
         description="Reference host peer: apply a guest's vCPU hints to QEMU's vCPU threads "
                     "within host limits, and publish per-vCPU capacity back.")
@@ -69,6 +99,26 @@ def build_parser() -> argparse.ArgumentParser:
                                       f"{CONTEND_DEFAULT}) whatever the host load; repeatable")
     run.add_argument("-v", "--verbose", action="store_true", help="log every change")
     run.set_defaults(func=cmd_run)
+
+    serve = sub.add_parser(
+        "serve", help="serve every VM on the host (libvirt and drop-ins) under one arbiter",
+        description="Find every VM: libvirt domains from libvirt's status files, plain QEMU "
+                    "VMs from drop-in files (/etc/guestagent-host/vms.d/NAME.toml). Serve each "
+                    "that has a hints channel or region; list the others. Host-wide caps and "
+                    "boost budgets hold across VMs. On exit every changed thread and cgroup is "
+                    "restored; SIGHUP rescans.")
+    serve.add_argument("--config", metavar="FILE",
+                       help="per-VM limits and a [host] table (TOML; default "
+                            f"{DEFAULT_SERVICE_CONFIG} if it exists, else built-in defaults)")
+    serve.add_argument("--dry-run", action="store_true",
+                       help="log what would change; touch no thread or cgroup")
+    serve.add_argument("--status-socket", metavar="PATH", default=DEFAULT_STATUS_SOCKET,
+                       help=f"where `status` finds the service (default {DEFAULT_STATUS_SOCKET})")
+    serve.add_argument("--state-dir", metavar="DIR", default=DEFAULT_STATE_DIR,
+                       help="where originals of changed threads and cgroups are recorded "
+                            f"(default {DEFAULT_STATE_DIR})")
+    serve.add_argument("-v", "--verbose", action="store_true", help="log every change")
+    serve.set_defaults(func=cmd_serve)
 
     status = sub.add_parser("status", help="show a running peer's per-vCPU state",
                             description="Per vCPU: the guest's hint, the policy applied, the "
@@ -120,12 +170,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from guestagent.host.peer import HostPeer
     from guestagent.host.status import listen
 
+    check_run_args(args)
     limits = load_limits(args.config)
     if args.contend:
         limits = replace(limits, contend={**limits.contend, **dict(args.contend)})
     _require_root(args.dry_run)
     log = _log_to_stderr(args.verbose or args.dry_run)
     pid, threads = discover(args.qmp, args.pid)
+    check_against_vm(limits, [t.vcpu for t in threads], online_cpus())
     pin_cpus = limits.pin_cpus if limits.pin_cpus is not None else frozenset(
         os.sched_getaffinity(0))
     # First undo what a killed peer left, so the originals read next are the real ones.
@@ -146,6 +198,16 @@ def cmd_run(args: argparse.Namespace) -> int:
                 os.unlink(args.status_socket)
             except OSError:
                 pass
+
+
+def online_cpus() -> frozenset[int]:
+    from guestagent.linux.procfs import parse_cpulist
+
+    try:
+        with open("/sys/devices/system/cpu/online", encoding="ascii") as f:
+            return frozenset(parse_cpulist(f.read()))
+    except OSError:
+        return frozenset(os.sched_getaffinity(0))
 
 
 def restore_before_attach(state_dir: str, pid: int, dry_run: bool, log):
@@ -190,6 +252,12 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
     _require_root(args.dry_run)
     outcomes = restore_leftovers(args.state_dir, args.dry_run)
+    if not args.dry_run:
+        # Then the cgroup runtimes a killed `serve` granted: the kernel refuses to take
+        # RT runtime from a cgroup while an RT thread is still in it.
+        from guestagent.host.hostlog import HostLog
+        from guestagent.host.serve import restore_cgroup_leftovers
+        restore_cgroup_leftovers(args.state_dir, HostLog(verbose=True, stream=sys.stdout))
     for outcome in outcomes:
         bad = outcome.result in (REFUSED, INCOMPLETE)
         for line in outcome.lines:
@@ -206,9 +274,25 @@ def cmd_status(args: argparse.Namespace) -> int:
     doc = fetch(args.status_socket)
     if args.json:
         print(json.dumps(doc, indent=2, sort_keys=True))
+    elif doc.get("service"):
+        from guestagent.host.serve import format_service
+        print(format_service(doc))
     else:
         print(format_status(doc))
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from guestagent.host.serve import ServeOptions, serve
+    from guestagent.host.serviceconfig import load_service
+
+    path = args.config
+    if path is None and os.path.exists(DEFAULT_SERVICE_CONFIG):
+        path = DEFAULT_SERVICE_CONFIG
+    settings = load_service(path)
+    _require_root(args.dry_run)
+    return serve(ServeOptions(settings, args.state_dir, args.status_socket, args.dry_run,
+                              args.verbose), restore_before_attach)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,21 +6,16 @@ is an error naming the file and line, so a typo never silently widens a limit.
 
 from __future__ import annotations
 
-import re
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from guestagent.errors import ConfigError
-from guestagent.protocol.model import CAPACITY_MAX, NICE_MAX, NICE_MIN, RT_PRIORITY_MAX
+from guestagent.linux.schema import KeyLines, syntax_error_line, tomllib
+from guestagent.protocol.model import CAPACITY_MAX
+from guestagent.sched import NICE_MAX, NICE_MIN, RT_PRIORITY_MAX, SCHED_FIFO, SCHED_RR
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.9/3.10 only
-    import tomli as tomllib
-
-POLICY_BY_NAME = {"fifo": 1, "rr": 2}  # SCHED_FIFO, SCHED_RR
+POLICY_BY_NAME = {"fifo": SCHED_FIFO, "rr": SCHED_RR}  # the RT policies a host may grant
 
 
 @dataclass(frozen=True)
@@ -28,7 +23,7 @@ class HostLimits:
     """Limits on what one VM's guest may obtain; defaults suit a shared host."""
 
     max_rt_priority: int = 40  # below threaded IRQs (FIFO 50), so host interrupts still run
-    rt_policies: tuple[int, ...] = (1, 2)  # SCHED_FIFO, SCHED_RR; empty: no RT at all
+    rt_policies: tuple[int, ...] = (SCHED_FIFO, SCHED_RR)  # empty: no RT at all
     max_boosted: int = 2  # vCPUs of this VM boosted at once
     heartbeat_period: float = 1.0  # seconds between the guest's heartbeats
     lease_periods: float = 1.5  # a boost lasts this many heartbeat periods unless renewed
@@ -109,41 +104,41 @@ def _check(key: str, value: Any) -> Any:
 KEYS = frozenset(f.name for f in fields(HostLimits))
 
 
-def _line_of(text: str, key: str) -> int:
-    match = re.search(rf"^[ \t]*{re.escape(key)}[ \t]*=", text, re.MULTILINE)
-    return text.count("\n", 0, match.start()) + 1 if match else 1
-
-
-def parse_limits(text: str, path: str = "<config>") -> HostLimits:
-    """Parse a host config file's text; errors name path:line."""
+def parse_limits(text: str, path: str = "<config>",
+                 tables: frozenset[str] = frozenset()) -> HostLimits:
+    """Parse a host config file's text; errors name path:line. Keys in `tables` belong
+    to another reader (the service's [host] table) and are skipped here."""
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
-        line = getattr(err, "lineno", None)
-        if line is None:
-            found = re.search(r"line (\d+)", str(err))
-            line = int(found.group(1)) if found else 1
         msg = str(err).split(" (at ")[0]
-        raise ConfigError(f"{path}:{line}: {msg}") from None
+        raise ConfigError(f"{path}:{syntax_error_line(text)}: {msg}") from None
+    lines = KeyLines(text)
     values = {}
     for key, raw in doc.items():
+        if key in tables:
+            continue
         try:
             if key not in KEYS:
                 raise ValueError("unknown key")
             values[key] = _check(key, raw)
         except ValueError as err:
-            raise ConfigError(f"{path}:{_line_of(text, key)}: {key}: {err}") from None
+            raise ConfigError(f"{path}:{lines.table(key)}: {key}: {err}") from None
     return replace(HostLimits(), **values)
+
+
+def read_config_text(path: str) -> str:
+    """A config file's text; ConfigError (one line) if it cannot be read as UTF-8."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as err:
+        raise ConfigError(f"{path}: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
 
 
 def load_limits(path: str | None) -> HostLimits:
     if path is None:
         return HostLimits()
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as err:
-        raise ConfigError(f"{path}: {err.strerror or err}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text") from None
-    return parse_limits(text, path)
+    return parse_limits(read_config_text(path), path)

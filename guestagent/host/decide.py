@@ -14,16 +14,9 @@ from dataclasses import dataclass, replace
 from guestagent.host.colocation import assign_pcpus
 from guestagent.host.config import HostLimits
 from guestagent.host.settings import ThreadSettings
-from guestagent.protocol.model import (
-    NICE_MAX,
-    AppliedFlag,
-    PeerState,
-    Request,
-    SchedClass,
-    VcpuHint,
-)
-
-RT_CLASSES = frozenset({SchedClass.FIFO, SchedClass.RR, SchedClass.DEADLINE})
+from guestagent.protocol.model import AppliedFlag, PeerState, Request, VcpuHint
+from guestagent.sched import NICE_MAX
+from guestagent.sched import RT_POLICIES as RT_CLASSES
 
 
 class Lease(str, enum.Enum):

@@ -15,6 +15,7 @@ from typing import Any
 
 from guestagent.errors import GuestagentError
 from guestagent.host.qmp import QmpClient
+from guestagent.linux.procfs import ParseError, parse_stat
 
 VCPU_NAME = re.compile(r"CPU (\d+)/(KVM|TCG)\Z")
 
@@ -23,7 +24,7 @@ VCPU_NAME = re.compile(r"CPU (\d+)/(KVM|TCG)\Z")
 class VcpuThread:
     vcpu: int
     tid: int
-    start_time: int  # /proc stat field 22: tells a recycled tid apart
+    start_time: int  # StatFields.start_time: tells a recycled tid apart
 
 
 def parse_cpus_fast(reply: Any) -> dict[int, int]:
@@ -50,17 +51,12 @@ def vcpus_from_names(names: Mapping[int, str]) -> dict[int, int]:
     return out
 
 
-def stat_fields(text: str) -> list[str]:
-    """Fields after `comm`, parsed from the last ')' because comm may hold anything."""
-    return text[text.rindex(")") + 2:].split()
-
-
 def thread_start_time(pid: int, tid: int) -> int | None:
     """Start time of a thread of `pid`, or None if `tid` is not (or no longer) one."""
     try:
-        with open(f"/proc/{pid}/task/{tid}/stat", encoding="utf-8", errors="replace") as f:
-            return int(stat_fields(f.read())[19])
-    except (OSError, ValueError, IndexError):
+        with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+            return parse_stat(f.read()).start_time
+    except (OSError, ParseError):
         return None
 
 

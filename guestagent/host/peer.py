@@ -1,4 +1,4 @@
-"""The daemon loop: one selector over the link, the status socket and a signal fd.
+"""The daemon loop: the link, the status socket and stop signals, on one event loop.
 
 Each wake-up reads what the guest says, decides (pure), applies the difference,
 and publishes capacity when due. Sleeping until the next deadline (lease
@@ -9,19 +9,21 @@ and a revert no later than the lease end.
 from __future__ import annotations
 
 import os
-import selectors
 import signal
 import socket
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any, Callable
 
 from guestagent.host.applier import Log, ThreadApplier
 from guestagent.host.capacity import Sample, capacities, read_sample
 from guestagent.host.config import HostLimits
-from guestagent.host.decide import GuestInput, Plan, decide, initial_plan
+from guestagent.host.decide import GuestInput, Lease, Plan, decide, initial_plan
+from guestagent.host.settings import ThreadSettings
 from guestagent.host.status import PeerSnapshot, answer, flag_names, status_document
+from guestagent.linux.loop import Loop
 from guestagent.protocol.model import AppliedFlag, PeerState, VcpuCapacity, VcpuHint
 from guestagent.transport import HostLink
 
@@ -51,11 +53,12 @@ class HostPeer:
         self.link = link
         self.log = log
         self.clock = clock
-        self.plan: Plan = initial_plan(applier.originals)
+        self.plan: Plan = initial_plan(self.vcpu_originals)
         self.guest = GuestInput()
         self.generation = 0
         self.published: dict[int, VcpuCapacity] = {}
         self.counters: Counter[str] = Counter()
+        self.clamps: Counter[int] = Counter()  # per vCPU: grants made at less than asked
         self._sample: Sample | None = None  # the newest /proc sample
         self._before: Sample | None = None  # the one a capacity period earlier
         self._acked: tuple[int, dict[int, AppliedFlag]] | None = None  # last published
@@ -72,9 +75,18 @@ class HostPeer:
                 self.log(f"link {what}: {type(err).__name__}: {err}")
             return None
 
+    @property
+    def vcpu_originals(self) -> dict[int, ThreadSettings]:
+        """The vCPU threads' originals: the applier may also hold the emulator thread (< 0)."""
+        return {v: s for v, s in self.applier.originals.items() if v >= 0}
+
     def step(self, now: float) -> float | None:
         """Decide and apply; publish capacity if due. Returns the next deadline."""
-        deadlines: list[float] = []
+        return self.finish_step(self.plan_step(now), now)
+
+    def plan_step(self, now: float) -> Plan:
+        """Read what the guest says and decide; nothing is applied yet (an arbiter may
+        still withhold boosts across VMs before finish_step applies the plan)."""
         if self.link is not None:
             view = self._link_call("view", self.link.view)
             if view is not None:
@@ -84,12 +96,32 @@ class HostPeer:
                 except (AttributeError, TypeError, ValueError) as err:
                     self.counters["bad_views"] += 1
                     self.log(f"link view unusable: {err}")
-        plan = decide(self.guest, self.applier.originals, self.limits, self.pin_cpus,
+        plan = decide(self.guest, self.vcpu_originals, self.limits, self.pin_cpus,
                       self.plan, now)
         self.counters["rejected_hints"] += plan.rejected
         if plan.lease != self.plan.lease:
             self.log(f"lease {plan.lease.value}")
+            if plan.lease == Lease.EXPIRED and self.plan.lease == Lease.HELD:
+                self.counters["lease_expiries"] += 1
+        return plan
+
+    def finish_step(self, plan: Plan, now: float,
+                    others: Mapping[int, ThreadSettings] | None = None) -> float | None:
+        """Apply the plan (and `others`: settings of non-vCPU threads such as the emulator
+        thread), publish capacity if due. Returns the next deadline."""
+        deadlines: list[float] = []
+        for vcpu, p in plan.vcpus.items():
+            before = self.plan.vcpus.get(vcpu)
+            if (p.applied & AppliedFlag.CLAMPED and before is not None
+                    and p.settings != before.settings):
+                self.clamps[vcpu] += 1
         self.plan = self._apply(plan)
+        for index, settings in (others or {}).items():
+            if index in self.applier.originals and index not in self.applier.gone \
+                    and self.applier.current.get(index) != settings:
+                got = self.applier.apply(index, settings)
+                if got is not None:
+                    self.log(f"emulator thread: {got.describe()}")
         if plan.next_deadline is not None:
             deadlines.append(plan.next_deadline)
         if now >= self._next_capacity:
@@ -166,57 +198,33 @@ class HostPeer:
 
     def run(self, status: socket.socket | None) -> int:
         """Serve until a stop signal or QEMU exits; restore every thread on the way out."""
-        wake_r, wake_w = socket.socketpair()
-        wake_r.setblocking(False)
-        wake_w.setblocking(False)
         stop: list[int] = []
-
-        def on_signal(signum: int, _frame: object) -> None:
-            stop.append(signum)
-
-        old_handlers = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
-        old_fd = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
-        # poll keeps no kernel-side registrations, so a link fd reused after reconnect is safe.
-        sel = selectors.PollSelector()
-        sel.register(wake_r, selectors.EVENT_READ, "wake")
+        loop = Loop(self.clock)
+        loop.catch(STOP_SIGNALS, stop.append)
         if status is not None:
-            sel.register(status, selectors.EVENT_READ, "status")
-        link_fd: int | None = None
+            loop.watch("status", status.fileno(), lambda _fd: answer(
+                status, status_document(self.snapshot(self.clock()))))
+
+        def on_link(_fd: int) -> None:
+            if self.link is not None:
+                self._link_call("read", lambda: self.link.on_readable(self.clock()))
+
         try:
             while not stop:
                 now = self.clock()
+                # the link reconnects (or drops): follow its fd
                 fd = self._link_call("fileno", self.link.fileno) if self.link else None
-                if fd != link_fd:  # the link reconnected (or dropped): follow its fd
-                    if link_fd is not None:
-                        sel.unregister(link_fd)
-                    if fd is not None:
-                        sel.register(fd, selectors.EVENT_READ, "link")
-                    link_fd = fd
-                deadline = self.step(now)
+                loop.watch("link", fd, on_link)
+                loop.at("step", self.step(now))
                 if not self.qemu_alive():
                     self.log(f"QEMU (pid {self.applier.pid}) exited")
                     break
-                timeout = None if deadline is None else max(0.0, deadline - self.clock())
-                for key, _ in sel.select(timeout):
-                    if key.data == "wake":
-                        try:
-                            wake_r.recv(4096)
-                        except BlockingIOError:
-                            pass
-                    elif key.data == "status":
-                        answer(status, status_document(self.snapshot(self.clock())))
-                    elif key.data == "link" and self.link is not None:
-                        self._link_call("read", lambda: self.link.on_readable(self.clock()))
+                loop.wait()
         finally:
             self.applier.restore_all()
             if self.link is not None:
                 self._link_call("close", self.link.close)
-            sel.close()
-            signal.set_wakeup_fd(old_fd)
-            for s, h in old_handlers.items():
-                signal.signal(s, h)
-            wake_r.close()
-            wake_w.close()
+            loop.close()
         if stop:
             self.log(f"stopping on {signal.Signals(stop[0]).name}; threads restored")
         return 0

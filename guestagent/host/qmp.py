@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import socket
-import struct
 from collections.abc import Mapping
 from typing import Any
 
 from guestagent.errors import GuestagentError
+from guestagent.linux.jsonlines import JsonLineClient, LineTooLong
 
 MAX_REPLY = 1 << 20  # a query-cpus-fast reply for hundreds of vCPUs fits easily
 
@@ -18,33 +17,31 @@ class QmpClient:
 
     def __init__(self, path: str, timeout: float = 5.0) -> None:
         self.path = path
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.settimeout(timeout)
-        self._buf = b""
         try:
-            self._sock.connect(path)
+            self._conn = JsonLineClient(path, timeout, MAX_REPLY)
+        except OSError as err:
+            raise GuestagentError(f"{path}: cannot talk QMP: {err.strerror or err}") from None
+        try:
             greeting = self._read_message()
             if "QMP" not in greeting:
                 raise GuestagentError(f"{path}: not a QMP socket (no greeting)")
             self.execute("qmp_capabilities")
         except OSError as err:
-            self._sock.close()
+            self._conn.close()
             raise GuestagentError(f"{path}: cannot talk QMP: {err.strerror or err}") from None
         except GuestagentError:
-            self._sock.close()
+            self._conn.close()
             raise
 
     def peer_pid(self) -> int:
         """The pid of the process serving the socket (QEMU), from SO_PEERCRED."""
-        creds = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                      struct.calcsize("3i"))
-        return struct.unpack("3i", creds)[0]
+        return self._conn.peer().pid
 
     def execute(self, command: str, arguments: Mapping[str, Any] | None = None) -> Any:
         request: dict[str, Any] = {"execute": command}
         if arguments:
             request["arguments"] = dict(arguments)
-        self._sock.sendall(json.dumps(request).encode() + b"\n")
+        self._conn.send(request)
         while True:
             msg = self._read_message()
             if "event" in msg:
@@ -57,14 +54,12 @@ class QmpClient:
             raise GuestagentError(f"{self.path}: {command}: unexpected reply")
 
     def _read_message(self) -> dict:
-        while b"\n" not in self._buf:
-            chunk = self._sock.recv(65536)
-            if not chunk:
-                raise GuestagentError(f"{self.path}: QMP connection closed")
-            self._buf += chunk
-            if len(self._buf) > MAX_REPLY:
-                raise GuestagentError(f"{self.path}: QMP reply too large")
-        line, self._buf = self._buf.split(b"\n", 1)
+        try:
+            line = self._conn.read_line()
+        except LineTooLong:
+            raise GuestagentError(f"{self.path}: QMP reply too large") from None
+        if line is None:
+            raise GuestagentError(f"{self.path}: QMP connection closed")
         try:
             msg = json.loads(line)
         except ValueError:
@@ -74,7 +69,7 @@ class QmpClient:
         return msg
 
     def close(self) -> None:
-        self._sock.close()
+        self._conn.close()
 
     def __enter__(self) -> QmpClient:
         return self

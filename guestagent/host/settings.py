@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
-from guestagent.observe.parse import format_cpulist
-
-# The policy bits beside the policy number (SCHED_RESET_ON_FORK) survive a restore.
-POLICY_MASK = 0xFF
-RT_POLICIES = frozenset({os.SCHED_FIFO, os.SCHED_RR})
-POLICY_NAMES = {
-    os.SCHED_OTHER: "other",
-    os.SCHED_FIFO: "fifo",
-    os.SCHED_RR: "rr",
-    os.SCHED_BATCH: "batch",
-    os.SCHED_IDLE: "idle",
-    6: "deadline",
-}
+from guestagent.linux.procfs import format_cpulist
+from guestagent.sched import POLICY_MASK, POLICY_NAMES
+from guestagent.sched import PRIORITY_POLICIES as RT_POLICIES
 
 
 @dataclass(frozen=True)

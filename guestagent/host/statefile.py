@@ -31,6 +31,7 @@ from guestagent.host.undo import (
     encode,
     judge_thread,
 )
+from guestagent.linux.atomic import remove, write_atomically
 
 STATE_NAME = re.compile(r"undo-qemu-(\d+)-(\d+)\.json\Z")
 MAX_STATE_SIZE = 1 << 16  # a VM with hundreds of vCPUs needs a few tens of KiB
@@ -72,38 +73,6 @@ def ensure_state_dir(path: str) -> None:
     check_state_dir(path)
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomically(path: str, data: bytes) -> None:
-    """Replace `path` with `data` (mode 0600) so a reader sees the old or the new file, whole."""
-    tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    try:
-        os.fchmod(fd, 0o600)  # a stale temp file may have had another mode
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-    _fsync_dir(os.path.dirname(path))
-
-
-def remove_durably(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return
-    _fsync_dir(os.path.dirname(path))
-
-
 def read_state_file(path: str) -> UndoRecord:
     """The record in `path`; StateError unless it is ours, private, small and well formed."""
     try:
@@ -142,7 +111,7 @@ class UndoJournal:
 
     def discard(self) -> None:
         """Every change is undone: nothing is left to restore."""
-        remove_durably(self.path)
+        remove(self.path)
         self.record = UndoRecord(self.record.peer, self.record.qemu, ())
 
 
@@ -190,7 +159,7 @@ def restore_file(path: str, qemu: ProcessId, dry_run: bool) -> FileOutcome:
     if process_id(qemu.pid) != qemu:
         lines = [f"QEMU pid {qemu.pid} is gone; nothing to restore"]
         if not dry_run:
-            remove_durably(path)
+            remove(path)
         return outcome(PLANNED if dry_run else RESTORED, *lines)
     try:
         verdicts = [judge_thread(qemu.pid, t, thread_start_time(qemu.pid, t.thread.pid),
@@ -203,7 +172,7 @@ def restore_file(path: str, qemu: ProcessId, dry_run: bool) -> FileOutcome:
         return outcome(PLANNED, *lines)
     if not ok:
         return outcome(INCOMPLETE, *lines, "kept for a later `guestagent-host restore`")
-    remove_durably(path)
+    remove(path)
     return outcome(RESTORED, *lines)
 
 

@@ -8,31 +8,35 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from guestagent.display import escape, table
+from guestagent.display import flag_names as _flag_names
+from guestagent.documents import SCHEMA_VERSION, hint_json
 from guestagent.errors import GuestagentError
 from guestagent.host.decide import Plan
 from guestagent.host.settings import ThreadSettings
-from guestagent.observe.parse import format_cpulist
-from guestagent.protocol.model import AppliedFlag, VcpuCapacity, VcpuHint
+from guestagent.linux.jsonlines import (
+    JsonLineClient,
+    JsonLineListener,
+    LineTooLong,
+    SocketInUse,
+    encode_line,
+)
+from guestagent.linux.procfs import format_cpulist
+from guestagent.protocol.model import AppliedFlag, VcpuCapacity
 
 DEFAULT_STATUS_SOCKET = "/run/guestagent-host/status.sock"
 MAX_DOCUMENT = 4 << 20
 
+# Every counter the peer keeps, shown from zero so a consumer need not guess which exist.
+COUNTERS = ("apply_failures", "bad_views", "link_errors", "rejected_hints")
+
 
 def flag_names(flags: AppliedFlag) -> list[str]:
-    return [f.name.lower() for f in AppliedFlag if f and f in flags and f.name]
-
-
-def _hint_doc(hint: VcpuHint | None) -> dict[str, Any] | None:
-    if hint is None:
-        return None
-    return {"request": hint.request.name.lower(), "class": hint.sched_class.name.lower(),
-            "rt_priority": hint.rt_priority, "nice": hint.nice, "group": hint.group,
-            "flags": int(hint.flags)}
+    return _flag_names(flags, AppliedFlag)
 
 
 @dataclass(frozen=True)
@@ -61,19 +65,25 @@ def status_document(snap: PeerSnapshot) -> dict[str, Any]:
         p = plan.vcpus[vcpu]
         cur = snap.current.get(vcpu, p.settings)
         cap = snap.published.get(vcpu)
+        hint = None
+        if p.hint is not None:
+            hint = {k: v for k, v in hint_json(p.hint).items() if k != "vcpu"}
         vcpus.append({
             "vcpu": vcpu,
             "tid": snap.tids.get(vcpu),
-            "hint": _hint_doc(p.hint),
+            "hint": hint,
             "applied": flag_names(p.applied),
             "policy": cur.describe().split(" cpus ")[0],
-            "cpus": format_cpulist(cur.affinity) or "-",
+            "cpus": sorted(cur.affinity),
             "pcpu": cap.pcpu if cap else -1,
             "capacity": cap.capacity if cap else None,
             "host_load": cap.host_load if cap else None,
         })
     expires = plan.lease_expires
+    counters = {name: 0 for name in COUNTERS}
+    counters.update(snap.counters)
     return {
+        "schema_version": SCHEMA_VERSION,
         "qemu_pid": snap.pid,
         "link": snap.link,
         "link_state": snap.link_state,
@@ -83,104 +93,86 @@ def status_document(snap: PeerSnapshot) -> dict[str, Any]:
         "lease": plan.lease.value,
         "lease_remaining": round(expires - snap.now, 3) if expires is not None else None,
         "dry_run": snap.dry_run,
-        "counters": dict(snap.counters),
+        "counters": dict(sorted(counters.items())),
         "vcpus": vcpus,
     }
 
 
+def _hint_text(hint: Mapping[str, Any] | None) -> str:
+    if not hint:
+        return "-"
+    if hint["request"] == "neutral":
+        return "neutral"
+    level = (f"{hint['class']} {hint['rt_priority']}"
+             if hint["class"] in ("fifo", "rr", "deadline") else f"nice {hint['nice']}")
+    return f"{hint['request']} {level}" + (f" g{hint['group']}" if hint.get("group") else "")
+
+
 def format_status(doc: Mapping[str, Any]) -> str:
-    """A table for people; --json gives the document itself."""
+    """A table for people, every field escaped (a guest chooses some of them); --json
+    gives the document itself."""
     remaining = doc.get("lease_remaining")
-    lease = doc.get("lease", "?") + (f" ({remaining:.1f}s left)"
-                                     if remaining is not None and remaining > 0 else "")
-    lines = [
-        f"qemu pid {doc.get('qemu_pid')}  link {doc.get('link') or 'none'}  "
-        f"guest {doc.get('guest_state')}  generation {doc.get('generation')}  lease {lease}"
-        + ("  DRY RUN" if doc.get("dry_run") else ""),
-        *([f"link {doc['link_state']}: {doc['link_reason']}"]
-          if doc.get("link") and doc.get("link_state", "up") != "up" else []),
-        f"{'VCPU':>4} {'TID':>8}  {'HINT':<18} {'APPLIED':<22} {'POLICY':<14} "
-        f"{'CPUS':<8} {'PCPU':>4} {'CAPACITY':>8}",
-    ]
+    lease = f"{doc.get('lease', '?')}" + (f" ({remaining:.1f}s left)"
+                                          if remaining is not None and remaining > 0 else "")
+    head = (f"qemu pid {doc.get('qemu_pid')}  link {doc.get('link') or 'none'}  "
+            f"guest {doc.get('guest_state')}  generation {doc.get('generation')}  lease {lease}"
+            + ("  DRY RUN" if doc.get("dry_run") else ""))
+    lines = [escape(head)]
+    if doc.get("link") and doc.get("link_state", "up") != "up":
+        lines.append(escape(f"link {doc['link_state']}: {doc.get('link_reason', '')}"))
+    rows = []
     for v in doc.get("vcpus", []):
-        hint = v.get("hint")
-        if hint:
-            level = (f"{hint['class']} {hint['rt_priority']}"
-                     if hint["class"] in ("fifo", "rr", "deadline") else f"nice {hint['nice']}")
-            text = f"{hint['request']} {level}" if hint["request"] != "neutral" else "neutral"
-            if hint.get("group"):
-                text += f" g{hint['group']}"
-        else:
-            text = "-"
         cap = v.get("capacity")
-        lines.append(
-            f"{v['vcpu']:>4} {v.get('tid') or '-':>8}  {text:<18} "
-            f"{','.join(v.get('applied') or []) or '-':<22} {v.get('policy', '-'):<14} "
-            f"{v.get('cpus', '-'):<8} {v.get('pcpu', -1):>4} {'-' if cap is None else cap:>8}")
+        cpus = v.get("cpus")
+        rows.append((v["vcpu"], v.get("tid") or "-", _hint_text(v.get("hint")),
+                     ",".join(v.get("applied") or []) or "-", v.get("policy", "-"),
+                     format_cpulist(cpus) if isinstance(cpus, list) and cpus else "-",
+                     v.get("pcpu", -1), "-" if cap is None else cap))
+    lines.append(table(("VCPU", "TID", "HINT", "APPLIED", "POLICY", "CPUS", "PCPU",
+                        "CAPACITY"), rows, right=(0, 1, 6, 7)))
     counters = doc.get("counters") or {}
     if any(counters.values()):
-        lines.append("counters: " + ", ".join(f"{k} {n}" for k, n in sorted(counters.items())))
+        lines.append(escape("counters: " + ", ".join(
+            f"{k} {n}" for k, n in sorted(counters.items()))))
     return "\n".join(lines)
 
 
-def listen(path: str) -> socket.socket:
+def listen(path: str) -> JsonLineListener:
     """The status socket, non-blocking; a stale socket file from a dead peer is replaced."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        probe.connect(path)
-    except FileNotFoundError:
-        pass
-    except ConnectionRefusedError:
-        os.unlink(path)
-    else:
-        raise GuestagentError(f"{path}: another guestagent-host is already serving status")
-    finally:
-        probe.close()
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(path)
-    os.chmod(path, 0o660)
-    server.listen(8)
-    server.setblocking(False)
-    return server
+        return JsonLineListener(path, "status socket", mode=0o660, backlog=8)
+    except SocketInUse:
+        raise GuestagentError(f"{path}: another guestagent-host is already serving status") \
+            from None
 
 
-def answer(server: socket.socket, doc: Mapping[str, Any]) -> None:
+def answer(server: JsonLineListener, doc: Mapping[str, Any]) -> None:
     """Send the document to one waiting client; a client that misbehaves is dropped."""
-    try:
-        conn, _ = server.accept()
-    except (BlockingIOError, InterruptedError):
+    conn = server.accept()
+    if conn is None:
         return
     with conn:
         conn.settimeout(1.0)
         try:
-            conn.sendall(json.dumps(doc).encode() + b"\n")
+            conn.sendall(encode_line(doc))
         except OSError:
             pass
 
 
 def fetch(path: str, timeout: float = 5.0) -> dict[str, Any]:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        try:
-            sock.connect(path)
-            chunks = []
-            size = 0
-            while True:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                size += len(chunk)
-                if size > MAX_DOCUMENT:
-                    raise GuestagentError(f"{path}: status document too large")
-        except (FileNotFoundError, ConnectionRefusedError):
-            raise GuestagentError(f"{path}: no guestagent-host running "
-                                  "(or give its --status-socket)") from None
-        except OSError as err:
-            raise GuestagentError(f"{path}: {err.strerror or err}") from None
     try:
-        doc = json.loads(b"".join(chunks))
+        with JsonLineClient(path, timeout, MAX_DOCUMENT) as client:
+            line = client.read_line(partial=True)
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise GuestagentError(f"{path}: no guestagent-host running "
+                              "(or give its --status-socket)") from None
+    except LineTooLong:
+        raise GuestagentError(f"{path}: status document too large") from None
+    except OSError as err:
+        raise GuestagentError(f"{path}: {err.strerror or err}") from None
+    try:
+        doc = json.loads(line or b"")
     except ValueError:
         raise GuestagentError(f"{path}: malformed status document") from None
     if not isinstance(doc, dict):

@@ -9,18 +9,19 @@ a wrong type, a value out of range or another format version is refused whole.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from typing import Any
 
-from guestagent.host.settings import POLICY_MASK, POLICY_NAMES, ThreadSettings
+from guestagent.host.settings import ThreadSettings
+from guestagent.sched import POLICY_MASK, POLICY_NAMES
+from guestagent.sched import SCHED_RESET_ON_FORK as RESET_ON_FORK
 
 FORMAT = "guestagent-host-undo"
 VERSION = 1
-RESET_ON_FORK = getattr(os, "SCHED_RESET_ON_FORK", 0x40000000)
 MAX_CPU = 1 << 16  # far above any host; bounds what a hostile affinity list can name
 MAX_PID = 1 << 22  # the kernel's limit on pid_max
 MAX_START = 1 << 62
+EMULATOR = -1  # the "vcpu" index that records QEMU's main (emulator) thread
 
 
 class StateError(ValueError):
@@ -142,7 +143,7 @@ def _decode_thread(value: Any, where: str) -> ThreadRecord:
                               _int(doc, "nice", where, -20, 19), frozenset(affinity))
     thread = ProcessId(_int(doc, "tid", where, 1, MAX_PID),
                        _int(doc, "start_time", where, 0, MAX_START))
-    return ThreadRecord(_int(doc, "vcpu", where, 0, 1 << 16), thread, settings)
+    return ThreadRecord(_int(doc, "vcpu", where, EMULATOR, 1 << 16), thread, settings)
 
 
 def _unique(values: list[int], what: str) -> None:
@@ -162,8 +163,11 @@ def judge_thread(qemu_pid: int, rec: ThreadRecord, start_in_qemu: int | None,
     start_anywhere: the start time of /proc/<tid>, whatever process it belongs to.
     """
     tid = rec.thread.pid
-    if tid == qemu_pid:
-        raise StateError(f"tid {tid} is QEMU's main thread, never a vCPU thread")
+    if (tid == qemu_pid) != (rec.vcpu == EMULATOR):
+        raise StateError(f"tid {tid} is QEMU's main thread, never a vCPU thread"
+                         if tid == qemu_pid else
+                         f"tid {tid} is recorded as the emulator thread but is not QEMU's main "
+                         "thread")
     if start_in_qemu is not None:
         return RESTORE if start_in_qemu == rec.thread.start_time else RECYCLED
     if start_anywhere is None:

@@ -11,13 +11,18 @@ re-reads) and reuses the IRQ and CPU tables of the last full snapshot, with
 each IRQ's threads taken from the fresh sweep; ``full=True`` (the default)
 re-reads everything. The daemon takes a full one about once a second.
 
-Changes between sweeps: the loop also waits for ``deadline()`` and then calls
-``check_changes(now)``; True means take a snapshot now. Two things make it
-True: a thread born in the last ~150 ms that has just become real-time (the
-young re-checks ask them for their policy), and a scheduler-change wake-up
-(``schedwatch.py``: some thread's policy, priority, nice or affinity was
-just set). Either way the extra snapshots are paced by a token bucket, so a
-storm of them cannot make the agent spin.
+Changes between sweeps: after each round of ``handle_readable`` the loop calls
+``refresh(now)``, which re-reads only the threads that changed and returns a
+snapshot when one of them did: threads named by a scheduler-change wake-up
+(``schedwatch.py``: some thread's policy, priority, nice or affinity was just
+set), young threads found real-time (see below), and threads that mattered and
+exited (their exit event). The loop also waits for ``deadline()`` and then
+calls ``check_changes(now)``: it asks the young threads that are due for their
+policy (newborns; with scheduler-change wake-ups once, when the fork event is
+read, else a few times in their first ~150 ms), and returns True, meaning take
+a sweep now, only for a wake-up that names no threads (or too many). Those
+sweeps are paced by a token bucket, so a storm of them cannot make the agent
+spin.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from guestagent.observe.threads import (
     ThreadTable,
     take_new_notes,
 )
+from guestagent.observe.young import WATCHED_YOUNG_CHECKS
 
 # Extra snapshots that changes trigger cost at most this share of one CPU on
 # average (a token bucket that holds CHANGE_SWEEP_BURST snapshots), so a lone
@@ -69,16 +75,19 @@ class Observer:
 
     ``watch=False`` skips the event sources (one-shot CLI views): the threads
     are then found by scanning /proc at each snapshot, without a note.
+    ``paths=False`` leaves executable paths unread (and unreported when they
+    cannot be read) unless an interest predicate needs them: for views that
+    show none.
     """
 
     def __init__(self, kernel: Kernel | None = None,
                  interest: Interest | None = None, watch: bool = True,
-                 change_share: float = CHANGE_SWEEP_SHARE) -> None:
+                 change_share: float = CHANGE_SWEEP_SHARE, paths: bool = True) -> None:
         self.kernel = kernel if kernel is not None else LiveKernel()
         self._watching = watch
         self._sched_watch: SchedWatch | None = None
         self.change_share = change_share
-        self._threads = ThreadTable(self.kernel, interest, watch=watch)
+        self._threads = ThreadTable(self.kernel, interest, watch=watch, paths=paths)
         self._irqs = IrqTable(self.kernel)
         try:
             self._cpus = CpuTable(self.kernel, watch=watch)
@@ -87,9 +96,9 @@ class Observer:
             raise
         self._said: set = set()
         self._lowprio_ticks: dict[int, int] = {}  # tid -> cpu ticks at the last full snapshot
-        self._last_at: float | None = None
         self._last_full: Snapshot | None = None
         self._cost = 0.0  # smoothed CPU time of one snapshot, s
+        self._last_cost = 0.0  # CPU time of the newest snapshot, s
         self._changed = False  # a change is waiting for its snapshot (held back by the bucket)
         self._targets: set[int] = set()  # threads whose scheduling was just set
         self._change_credit = 0.0  # CPU seconds change-triggered snapshots may still spend
@@ -99,6 +108,11 @@ class Observer:
     def cost(self) -> float:
         """Smoothed CPU time of one snapshot, in seconds (0 before the first)."""
         return self._cost
+
+    @property
+    def last_cost(self) -> float:
+        """CPU time of the newest snapshot, in seconds (0 before the first)."""
+        return self._last_cost
 
     @property
     def changes_watched(self) -> bool:
@@ -130,13 +144,14 @@ class Observer:
                 self._targets.clear()
 
     def refresh(self, now: float) -> Snapshot | None:
-        """A snapshot with just the threads whose scheduling was set re-read, when
-        any of them changed; None otherwise. Costs microseconds per thread, so it
-        needs no pacing: call it after every round of ``handle_readable``."""
+        """A snapshot with just the threads whose scheduling was set (or young threads
+        that turned real-time) re-read, when any of them changed or a thread that
+        mattered exited; None otherwise. Costs microseconds per thread, so it needs
+        no pacing: call it after every round of ``handle_readable``."""
         last = self._last_full
-        if not self._targets or last is None:
+        if last is None or not (self._targets or self._threads.has_news()):
             return None
-        if self._threads.fileno() is not None:
+        if self._targets and self._threads.fileno() is not None:
             self._threads.handle_readable()  # a thread born just now must be known first
         threads, changed = self._threads.refresh(self._targets)
         self._targets.clear()
@@ -158,6 +173,7 @@ class Observer:
             self._watching = False
             return [f"scheduler-change events unavailable ({err.strerror or err}): a policy "
                     "change of a running thread is seen at the next sweep"]
+        self._threads.young.retime(WATCHED_YOUNG_CHECKS, 0.0)
         return []
 
     def set_interest(self, interest: Interest | None) -> None:
@@ -175,12 +191,13 @@ class Observer:
     def check_changes(self, now: float) -> bool:
         """Re-check the young threads that are due; True: take a snapshot now.
 
-        A young thread that became real-time, or a scheduler-change wake-up, is
-        reported at once unless the last snapshot was too recent for the
-        change share; then it is held and ``deadline()`` says when to come back.
+        A young thread that became real-time is left for ``refresh`` to re-read,
+        with no sweep. A scheduler-change wake-up that names no threads (or too
+        many) asks for a sweep at once, unless the last snapshot was too recent
+        for the change share; then it is held and ``deadline()`` says when to
+        come back.
         """
-        if self._threads.check_young(now):
-            self._changed = True
+        self._targets.update(self._threads.check_young(now))
         if self._changed and now >= self._release():
             self._changed = False
             self._change_credit = self._credit(now) - self._cost
@@ -222,9 +239,8 @@ class Observer:
         snap = Snapshot(now, threads, len(self._threads), irqs, cpus, notes)
         if full:
             self._last_full = snap
-        self._last_at = now
         self._changed = False  # this snapshot shows them
-        cost = time.thread_time() - started
+        cost = self._last_cost = time.thread_time() - started
         self._cost = cost if self._cost == 0.0 else \
             COST_SMOOTHING * cost + (1 - COST_SMOOTHING) * self._cost
         return snap

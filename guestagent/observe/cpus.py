@@ -39,6 +39,11 @@ class CpuState:
     lowprio: Mapping[int, float] = field(default_factory=dict)
 
     @property
+    def nr_vcpus(self) -> int:
+        """How many vCPUs the hints cover: every possible CPU, numbered from 0."""
+        return max(self.possible, default=0) + 1
+
+    @property
     def offline(self) -> frozenset[int]:
         return self.possible - self.online
 

@@ -31,11 +31,11 @@ from guestagent.observe.parse import (
     parse_status_cpus,
 )
 from guestagent.observe.schedwatch import SchedWatch
+from guestagent.sched import SCHED_DEADLINE, SCHED_RESET_ON_FORK
+from guestagent.transport.uevents import UeventMonitor  # CPU hotplug: the same monitor
 
 GONE = -1  # policy/nice placeholder for a thread that exited mid-sweep
 STAT_FD_CAP = 1024  # stat fds kept open for the threads that matter
-SCHED_DEADLINE = 6
-SCHED_RESET_ON_FORK = 0x40000000
 _NR_SCHED_GETATTR = {"x86_64": 315, "aarch64": 275, "riscv64": 275, "ppc64le": 356,
                      "s390x": 346, "i686": 352, "armv7l": 381}
 
@@ -117,37 +117,6 @@ class ProcEventSource:
             self._sock.close()
         except OSError:
             pass
-
-
-class UeventMonitor:
-    """A pyudev monitor on some subsystems (CPU online/offline, devices coming and
-    going). Without udevd it listens to the kernel's own uevents, which carry the
-    same add/remove/online/offline actions (but no udev symlinks yet)."""
-
-    def __init__(self, subsystems: tuple[str, ...]) -> None:
-        import pyudev
-
-        source = "udev" if os.path.exists("/run/udev/control") else "kernel"
-        self._monitor = pyudev.Monitor.from_netlink(pyudev.Context(), source=source)
-        for subsystem in subsystems:
-            self._monitor.filter_by(subsystem)
-        self._monitor.start()
-        self.source = source
-
-    def fileno(self) -> int:
-        return self._monitor.fileno()
-
-    def drain(self) -> int:
-        """Consume pending events; returns how many."""
-        n = 0
-        while self._monitor.poll(timeout=0) is not None:
-            n += 1
-        return n
-
-    def close(self) -> None:
-        # libudev closes the socket when the monitor is released; closing the fd
-        # here as well could close an unrelated file that reused the number
-        self._monitor = None
 
 
 class Kernel:

@@ -57,18 +57,27 @@ class Tracepoint:
 
 
 def read_tracepoint(name: str, roots: Iterable[str] = TRACEFS) -> Tracepoint:
-    """A syscalls/<name> tracepoint's id and field offsets, from tracefs."""
+    """A syscalls/<name> tracepoint's id and field offsets, from tracefs.
+
+    OSError names why not: permission denied where a root is there but closed
+    to this user (tracefs is root-only by default), else not found."""
+    denied = ""
     for root in roots:
         try:
             with open(f"{root}/events/syscalls/{name}/id") as f:
                 tp_id = int(f.read())
             with open(f"{root}/events/syscalls/{name}/format") as f:
                 fmt = f.read()
+        except PermissionError:
+            denied = denied or root
+            continue
         except (OSError, ValueError):
             continue
         offsets = {m.group(1): int(m.group(2)) for m in
                    re.finditer(r"field:[^;]*?(\w+);\s*offset:(\d+);", fmt)}
         return Tracepoint(tp_id, offsets)
+    if denied:
+        raise OSError(errno.EACCES, f"tracefs at {denied}: permission denied (needs root)")
     raise OSError(errno.ENOENT, f"tracepoint syscalls/{name} not found (is tracefs mounted?)")
 
 

@@ -34,7 +34,7 @@ from itertools import compress
 from typing import Callable
 
 from guestagent.observe.events import ProcEvent
-from guestagent.observe.kernel import GONE, SCHED_DEADLINE, Kernel, ProcEventSource
+from guestagent.observe.kernel import GONE, Kernel, ProcEventSource
 from guestagent.observe.parse import (
     PF_KTHREAD,
     PF_NO_SETAFFINITY,
@@ -47,10 +47,11 @@ from guestagent.observe.parse import (
 )
 from guestagent.observe.young import YoungThreads
 from guestagent.protocol.model import SchedClass
+from guestagent.sched import PRIORITY_POLICIES as _FIFO_RR
+from guestagent.sched import RT_POLICIES as RT_CLASSES
+from guestagent.sched import SCHED_DEADLINE
 
-RT_CLASSES = frozenset({SchedClass.FIFO, SchedClass.RR, SchedClass.DEADLINE})
 NICE_ROTATION = 4  # nice of threads that do not matter: a 1/4 slice per sweep
-_FIFO_RR = (SchedClass.FIFO, SchedClass.RR)
 
 
 @dataclass(frozen=True)
@@ -136,9 +137,11 @@ class ThreadTable:
     """All threads of the machine; ``sweep()`` returns those that matter."""
 
     def __init__(self, kernel: Kernel, interest: Interest | None = None,
-                 watch: bool = True) -> None:
+                 watch: bool = True, paths: bool = True) -> None:
         self._kernel = kernel
         self._interest = interest
+        # executable paths are read when someone shows them or a rule matches on them
+        self._paths = paths
         self._known: dict[int, _Known] = {}
         self._identity: dict[int, tuple[str, str]] = {}  # tgid -> (exe, cgroup)
         self._pending: set[int] = set()  # interest to (re-)evaluate
@@ -153,6 +156,7 @@ class ThreadTable:
         self._nice_unread: set[int] = set()  # new threads whose nice was never asked
         self._phase = 0  # which slice of the threads has its nice asked this sweep
         self.young = YoungThreads()
+        self._dropped = False  # a thread that mattered left since the last look
         self.events: ProcEventSource | None = None
         self.mode = "rescan"
         if watch:
@@ -200,10 +204,12 @@ class ThreadTable:
                     now = time.monotonic() if now is None else now
                     young.add(ev.tid, now)
             elif ev.kind == "exit":
+                self._dropped = self._dropped or ev.tid in self._info
                 self._forget(ev.tid)
                 if ev.tid == ev.tgid:
                     self._identity.pop(ev.tgid, None)
             elif ev.kind == "exec":
+                self._dropped = self._dropped or ev.tid in self._info
                 self._forget(ev.tid)  # a new image: new identity, new detail
                 known[ev.tid] = _Known(ev.tgid, None)
                 self._identity.pop(ev.tgid, None)
@@ -263,7 +269,8 @@ class ThreadTable:
     def _process_identity(self, tgid: int) -> tuple[str, str]:
         cached = self._identity.get(tgid)
         if cached is None:
-            cached = (self._read_exe(tgid), self._read_cgroup(f"/proc/{tgid}/cgroup"))
+            exe = self._read_exe(tgid) if self._paths or self._interest is not None else ""
+            cached = (exe, self._read_cgroup(f"/proc/{tgid}/cgroup"))
             self._identity[tgid] = cached
         return cached
 
@@ -368,17 +375,19 @@ class ThreadTable:
                        "version: shown as OTHER")
         if full:
             self._stat.keep_only(self._info)
+        self._dropped = False  # this sweep shows it
         return tuple(self._info[t] for t in sorted(self._info)), self._take_notes()
 
     def refresh(self, tids: Iterable[int]) -> tuple[tuple[ThreadInfo, ...], bool]:
         """Re-read just these threads (their scheduling was just set).
 
         Returns the threads that matter, as ``sweep`` does, and whether any of
-        the given threads changed. Threads not in the table yet are left to
-        the young re-checks and the next sweep.
+        the given threads changed or a thread that mattered left (its exit
+        event). Threads not in the table yet are left to the young re-checks
+        and the next sweep.
         """
         unknown_policies: set[int] = set()
-        changed = False
+        changed, self._dropped = self._dropped, False
         for tid in tids:
             if tid not in self._known:
                 continue
@@ -467,20 +476,25 @@ class ThreadTable:
     def young_deadline(self) -> float | None:
         return self.young.deadline()
 
-    def check_young(self, now: float) -> bool:
-        """Ask the young threads whose check is due for their policy; True when one
-        that is not in the table yet now has a policy other than OTHER."""
+    def has_news(self) -> bool:
+        """True when a thread that mattered left since the last sweep or refresh."""
+        return self._dropped
+
+    def check_young(self, now: float) -> list[int]:
+        """Ask the young threads whose check is due for their policy; returns those
+        not in the table yet that now have a policy other than OTHER (for
+        ``refresh``: re-reading them is enough, no sweep needed)."""
         due = self.young.take_due(now)
         if not due:
-            return False
+            return []
         policies = self._kernel.policies([tid for _, _, tid in due])
-        hit = False
+        hits = []
         for (stage, born, tid), policy in zip(due, policies):
             if policy == 0:
                 self.young.again(stage, born, tid)
             elif policy != GONE and tid not in self._info and tid in self._known:
-                hit = True
-        return hit
+                hits.append(tid)
+        return hits
 
     # -- notes ----------------------------------------------------------------
 

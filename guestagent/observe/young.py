@@ -22,6 +22,11 @@ YOUNG_CAP = 4096
 # checks due within this much of each other are done in one wake-up, so a fork
 # storm costs at most 1/YOUNG_COALESCE wake-ups per second
 YOUNG_COALESCE = 0.005
+# With scheduler-change wake-ups, a thread that sets its policy after birth is
+# named by its syscall: the newborn only needs one look, when its fork event is
+# read (a thread born real-time, from a real-time parent, calls nothing), and
+# that look costs no wake-up of its own.
+WATCHED_YOUNG_CHECKS = (0.0,)
 
 
 class YoungThreads:
@@ -30,13 +35,21 @@ class YoungThreads:
 
     def __init__(self, ages: tuple[float, ...] = YOUNG_CHECKS, cap: int = YOUNG_CAP,
                  coalesce: float = YOUNG_COALESCE) -> None:
-        self.ages = ages
         self.cap = cap
-        self.coalesce = coalesce
-        self._stages: list[deque[tuple[float, int]]] = [deque() for _ in ages]
         self._count = 0
         self._last_check = float("-inf")
         self.dropped = 0  # births not tracked because the set was full
+        self.retime(ages, coalesce)
+
+    def retime(self, ages: tuple[float, ...], coalesce: float) -> None:
+        """Check at other ages from now on; the newborns tracked so far each get the
+        first of the new checks."""
+        pending = sorted((born, tid) for stage in getattr(self, "_stages", ())
+                         for born, tid in stage)
+        self.ages, self.coalesce = ages, coalesce
+        self._stages: list[deque[tuple[float, int]]] = [deque() for _ in ages]
+        self._stages[0].extend(pending)
+        self._count = len(pending)
 
     def __len__(self) -> int:
         return self._count

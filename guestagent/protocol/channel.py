@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
-from guestagent.protocol.errors import ProtocolError
+from guestagent.protocol.errors import LocalProtocolError, RemoteProtocolError
 from guestagent.protocol.messages import (
     Ack,
     Capacity,
@@ -43,6 +43,7 @@ MAX_LINE = 65536  # bytes per line, the newline included
 RESET = b"\xff"  # never valid in UTF-8, so never inside a line: resets the parser
 ENTRIES_PER_PART = 1024  # keeps the worst-case hints/capacity line near 32 KiB
 U64_MAX = (1 << 64) - 1
+U32_MAX = (1 << 32) - 1
 _TEXT_MAX = 1024  # longest error code/message/reason kept
 
 
@@ -105,7 +106,7 @@ class LineFramer:
 def _line(obj: dict) -> bytes:
     data = json.dumps(obj, separators=(",", ":"), ensure_ascii=True).encode() + b"\n"
     if len(data) > MAX_LINE:
-        raise ProtocolError(f"{obj.get('type')} line of {len(data)} bytes exceeds {MAX_LINE}")
+        raise LocalProtocolError(f"{obj.get('type')} line of {len(data)} bytes exceeds {MAX_LINE}")
     return data
 
 
@@ -121,14 +122,14 @@ def _capacity_entry(c: VcpuCapacity) -> list[int]:
 def _parts(entries: list, nr: int) -> list[list]:
     chunks = [entries[i:i + ENTRIES_PER_PART] for i in range(0, len(entries), ENTRIES_PER_PART)]
     if nr > MAX_VCPUS:
-        raise ProtocolError(f"nr_vcpus {nr} exceeds {MAX_VCPUS}")
+        raise LocalProtocolError(f"nr_vcpus {nr} exceeds {MAX_VCPUS}")
     return chunks or [[]]
 
 
 def _check_table(items: Sequence[Any]) -> None:
     for i, item in enumerate(items):
         if item.vcpu != i:
-            raise ProtocolError(f"table entry {i} is for vCPU {item.vcpu}")
+            raise LocalProtocolError(f"table entry {i} is for vCPU {item.vcpu}")
 
 
 def encode_hints(msg: Hints) -> bytes:
@@ -169,48 +170,51 @@ def encode_message(msg: Message | Hints | Capacity) -> bytes:
     if isinstance(msg, Ack):
         return _line({"type": "ack", "generation": msg.generation})
     if isinstance(msg, Heartbeat):
-        return _line({"type": "heartbeat", "seq": msg.seq, "state": int(msg.state)})
+        beat = {"type": "heartbeat", "seq": msg.seq, "state": int(msg.state)}
+        if msg.epoch:  # 1.1; a 1.0 peer ignores the field
+            beat["epoch"] = msg.epoch
+        return _line(beat)
     if isinstance(msg, Error):
         return _line({"type": "error", "code": msg.code, "message": msg.message})
     if isinstance(msg, Sync):
         return _line({"type": "sync", "id": msg.id})
     if isinstance(msg, SyncAck):
         return _line({"type": "sync-ack", "id": msg.id})
-    raise ProtocolError(f"cannot encode {type(msg).__name__}")
+    raise LocalProtocolError(f"cannot encode {type(msg).__name__}")
 
 
 # --- decoding -------------------------------------------------------------------------
 
 def _reject_constant(name: str) -> Any:
-    raise ProtocolError(f"non-finite number {name}")
+    raise RemoteProtocolError(f"non-finite number {name}")
 
 
 def _int(obj: dict, key: str, low: int = 0, high: int = U64_MAX, default: Any = None) -> int:
     value = obj.get(key, default)
     if value is None:
-        raise ProtocolError(f"missing field {key!r}")
+        raise RemoteProtocolError(f"missing field {key!r}")
     return _check_int(value, key, low, high)
 
 
 def _check_int(value: Any, what: str, low: int, high: int) -> int:
     if type(value) is not int:
-        raise ProtocolError(f"field {what!r} is not an integer")
+        raise RemoteProtocolError(f"field {what!r} is not an integer")
     if not low <= value <= high:
-        raise ProtocolError(f"field {what!r} = {value} outside {low}..{high}")
+        raise RemoteProtocolError(f"field {what!r} = {value} outside {low}..{high}")
     return value
 
 
 def _text(obj: dict, key: str, default: str = "") -> str:
     value = obj.get(key, default)
     if not isinstance(value, str):
-        raise ProtocolError(f"field {key!r} is not a string")
+        raise RemoteProtocolError(f"field {key!r} is not a string")
     return value[:_TEXT_MAX]
 
 
 def _version(obj: dict) -> tuple[int, int]:
     v = obj.get("version")
     if not isinstance(v, list) or len(v) < 2:
-        raise ProtocolError("field 'version' is not [major, minor]")
+        raise RemoteProtocolError("field 'version' is not [major, minor]")
     return _check_int(v[0], "version", 0, 0xFFFF), _check_int(v[1], "version", 0, 0xFFFF)
 
 
@@ -223,26 +227,28 @@ def _table_header(obj: dict) -> tuple[int, int, int, list]:
     nr = _int(obj, "nr_vcpus", 1, MAX_VCPUS)
     part = obj.get("part", [0, 1])
     if not isinstance(part, list) or len(part) < 2:
-        raise ProtocolError("field 'part' is not [index, count]")
+        raise RemoteProtocolError("field 'part' is not [index, count]")
     parts = _check_int(part[1], "part", 1, MAX_VCPUS)
     index = _check_int(part[0], "part", 0, parts - 1)
     vcpus = obj.get("vcpus")
     if not isinstance(vcpus, list) or len(vcpus) > nr:
-        raise ProtocolError("field 'vcpus' is not a list of at most nr_vcpus entries")
+        raise RemoteProtocolError("field 'vcpus' is not a list of at most nr_vcpus entries")
     return nr, index, parts, vcpus
 
 
 def _entries(vcpus: list, nr: int, width: int) -> list[list[int]]:
+    """Rows of integers of any size: each field's decoder clamps or rejects."""
     seen = set()
     rows = []
     for entry in vcpus:
-        if not isinstance(entry, list) or len(entry) < width:
-            raise ProtocolError(f"vcpus entry is not a list of {width} integers")
-        row = [_check_int(x, "vcpus", -(1 << 63), U64_MAX) for x in entry[:width]]
+        if not isinstance(entry, list) or len(entry) < width or \
+                any(type(x) is not int for x in entry[:width]):
+            raise RemoteProtocolError(f"vcpus entry is not a list of {width} integers")
+        row = entry[:width]
         if not 0 <= row[0] < nr:
-            raise ProtocolError(f"vCPU index {row[0]} outside 0..{nr - 1}")
+            raise RemoteProtocolError(f"vCPU index {row[0]} outside 0..{nr - 1}")
         if row[0] in seen:
-            raise ProtocolError(f"vCPU {row[0]} listed twice")
+            raise RemoteProtocolError(f"vCPU {row[0]} listed twice")
         seen.add(row[0])
         rows.append(row)
     return rows
@@ -250,7 +256,10 @@ def _entries(vcpus: list, nr: int, width: int) -> list[list[int]]:
 
 def _decode_hints(obj: dict) -> HintsPart:
     nr, index, parts, vcpus = _table_header(obj)
-    hints = tuple(make_hint(*row) for row in _entries(vcpus, nr, 7))
+    rows = _entries(vcpus, nr, 7)
+    for row in rows:
+        _check_int(row[5], "flags", 0, U32_MAX)
+    hints = tuple(make_hint(*row) for row in rows)
     return HintsPart(_int(obj, "generation"), nr, index, parts, hints)
 
 
@@ -258,8 +267,9 @@ def _decode_capacity(obj: dict) -> CapacityPart:
     nr, index, parts, vcpus = _table_header(obj)
     caps = []
     for row in _entries(vcpus, nr, 6):
-        caps.append(make_capacity(row[0], row[1], min(row[2], 0x7FFFFFFF), row[3], row[4],
-                                  row[5]))
+        _check_int(row[4], "applied", 0, U32_MAX)
+        _check_int(row[5], "acked_generation", 0, U64_MAX)
+        caps.append(make_capacity(*row))
     return CapacityPart(_int(obj, "seq"), nr, index, parts, tuple(caps))
 
 
@@ -270,24 +280,24 @@ def _decode_state(obj: dict) -> PeerState:
 
 
 def decode_line(line: bytes) -> Message:
-    """One framed line (no newline) to a message; ProtocolError for anything invalid."""
+    """One framed line (no newline) to a message; RemoteProtocolError for anything invalid."""
     try:
         obj = json.loads(line.decode("utf-8"), parse_constant=_reject_constant)
-    except ProtocolError:
+    except RemoteProtocolError:
         raise
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise ProtocolError(f"malformed line: {type(err).__name__}") from None
+        raise RemoteProtocolError(f"malformed line: {type(err).__name__}") from None
     if not isinstance(obj, dict):
-        raise ProtocolError("line is not a JSON object")
+        raise RemoteProtocolError("line is not a JSON object")
     kind = obj.get("type")
     if not isinstance(kind, str):
-        raise ProtocolError("line has no string 'type'")
+        raise RemoteProtocolError("line has no string 'type'")
     if kind == "hints":
         return _decode_hints(obj)
     if kind == "capacity":
         return _decode_capacity(obj)
     if kind == "heartbeat":
-        return Heartbeat(_int(obj, "seq"), _decode_state(obj))
+        return Heartbeat(_int(obj, "seq"), _decode_state(obj), _int(obj, "epoch", default=0))
     if kind == "ack":
         return Ack(_int(obj, "generation"))
     if kind == "sync":
@@ -303,7 +313,7 @@ def decode_line(line: bytes) -> Message:
         major, minor = _version(obj)
         accepted = obj.get("accepted")
         if not isinstance(accepted, bool):
-            raise ProtocolError("field 'accepted' is not a boolean")
+            raise RemoteProtocolError("field 'accepted' is not a boolean")
         return Welcome(accepted=accepted, features=_features(obj),
                        epoch=_int(obj, "epoch", default=0), reason=_text(obj, "reason"),
                        major=major, minor=minor, protocol=_text(obj, "protocol"))

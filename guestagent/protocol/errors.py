@@ -1,4 +1,11 @@
-"""The one exception the codecs raise for bytes they cannot accept."""
+"""The exceptions of the protocol package, in the manner of h11.
+
+RemoteProtocolError: bytes from the peer violate docs/protocol.md (the peer's
+fault; a link counts it and goes on). LocalProtocolError: this side asked for
+something the protocol does not allow, e.g. a send the connection's state
+forbids or a value that cannot be encoded (our bug, or our caller's).
+Both are ProtocolError, so code that handles either catches the base.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +13,12 @@ from guestagent.errors import GuestagentError
 
 
 class ProtocolError(GuestagentError):
-    """Bytes from the peer (or a value for it) violate docs/protocol.md.
+    """Something violates docs/protocol.md. str(err) is a one-line message."""
 
-    str(err) is a one-line message. Decoders raise nothing else for any input.
-    """
+
+class RemoteProtocolError(ProtocolError):
+    """What the peer sent is invalid. Decoders raise nothing else for any input."""
+
+
+class LocalProtocolError(ProtocolError):
+    """What this side tried to send is invalid, or not allowed in this state."""

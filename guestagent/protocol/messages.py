@@ -97,6 +97,7 @@ class Heartbeat:
 
     seq: int
     state: PeerState
+    epoch: int = 0  # the sender's epoch (1.1); 0: not sent (a 1.0 peer)
 
 
 @dataclass(frozen=True)

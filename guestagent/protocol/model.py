@@ -11,14 +11,15 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from guestagent.sched import NICE_MAX, NICE_MIN, RT_PRIORITY_MAX
+
 PROTOCOL_NAME = "org.guestagent.sched"
 VERSION_MAJOR = 1
-VERSION_MINOR = 0
+VERSION_MINOR = 1  # 1.1: heartbeats carry the epoch; the rules of docs/protocol.md 1.1
 
 CAPACITY_MAX = 1024  # a vCPU with a physical CPU all to itself
-RT_PRIORITY_MAX = 99
-NICE_MIN, NICE_MAX = -20, 19
 GROUP_MAX = 0xFFFF  # co-location groups are u16; 0 means "no group"
+PCPU_MAX = 0x7FFFFFFF  # physical CPU numbers are i32; -1 means "unknown"
 
 
 class SchedClass(enum.IntEnum):
@@ -60,6 +61,7 @@ class AppliedFlag(enum.IntFlag):
     CLAMPED = 1 << 3  # granted at less than asked
     PINNED = 1 << 4  # affinity set for co-location avoidance
     COLOCATED = 1 << 5  # co-location avoidance could not be satisfied
+    BUDGET_SPENT = 1 << 6  # boost budget spent: unboosted (with DENIED) until earned back
 
 
 class Feature(enum.IntFlag):
@@ -119,7 +121,8 @@ STALE_AFTER = 5.0  # reader-side: no heartbeat change for this long means the pe
 HINT_FLAG_MASK = int(HintFlag.CRITICAL_IRQ | HintFlag.PINNED_CRITICAL
                      | HintFlag.LATENCY_SLEEPER | HintFlag.IDLE)
 APPLIED_FLAG_MASK = int(AppliedFlag.BOOSTED | AppliedFlag.THROTTLED | AppliedFlag.DENIED
-                        | AppliedFlag.CLAMPED | AppliedFlag.PINNED | AppliedFlag.COLOCATED)
+                        | AppliedFlag.CLAMPED | AppliedFlag.PINNED | AppliedFlag.COLOCATED
+                        | AppliedFlag.BUDGET_SPENT)
 FEATURE_MASK = int(Feature.CAPACITY | Feature.COLOCATION | Feature.NICE_HINTS
                    | Feature.DEADLINE_HINTS)
 
@@ -150,22 +153,12 @@ def make_capacity(vcpu: int, capacity: int, pcpu: int, host_load: int, applied: 
                   acked_generation: int) -> VcpuCapacity:
     """Build a capacity from raw wire integers, applying the decode rules.
 
-    capacity clamped to 0..1024, host_load to -1..1024, pcpu below -1 -> -1,
-    unknown applied bits dropped, acked_generation below 0 -> 0.
+    capacity clamped to 0..1024, host_load to -1..1024, pcpu outside -1..2**31-1
+    -> -1 (unknown), unknown applied bits dropped, acked_generation below 0 -> 0
+    (the channel rejects a line with one outside 0..2**64-1 before this).
     """
     return VcpuCapacity(vcpu=vcpu, capacity=_clamp(capacity, 0, CAPACITY_MAX),
-                        pcpu=max(pcpu, -1), host_load=_clamp(host_load, -1, CAPACITY_MAX),
+                        pcpu=pcpu if -1 <= pcpu <= PCPU_MAX else -1,
+                        host_load=_clamp(host_load, -1, CAPACITY_MAX),
                         applied=AppliedFlag(applied & APPLIED_FLAG_MASK),
                         acked_generation=max(acked_generation, 0))
-
-
-def normalise_hint(hint: VcpuHint) -> VcpuHint:
-    """The hint as the peer will decode it (clamped, unknown values replaced)."""
-    return make_hint(hint.vcpu, int(hint.request), int(hint.sched_class), hint.rt_priority,
-                     hint.nice, int(hint.flags), hint.group)
-
-
-def normalise_capacity(cap: VcpuCapacity) -> VcpuCapacity:
-    """The capacity as the peer will decode it."""
-    return make_capacity(cap.vcpu, cap.capacity, cap.pcpu, cap.host_load, int(cap.applied),
-                         cap.acked_generation)

@@ -12,7 +12,7 @@ import enum
 import struct
 from dataclasses import dataclass
 
-from guestagent.protocol.errors import ProtocolError
+from guestagent.protocol.errors import RemoteProtocolError
 from guestagent.protocol.model import (
     FEATURE_MASK,
     MAX_VCPUS,
@@ -112,22 +112,23 @@ def encode_header(layout: RegionLayout, abi_major: int = VERSION_MAJOR,
 
 
 def decode_header(data: bytes) -> RegionHeader:
-    """Read the static header; ProtocolError unless it is a guestagent region.
+    """Read the static header; RemoteProtocolError unless it is a guestagent region.
 
     The layout is not checked here (an unknown major may lay things out
     differently): call check_layout() once the major is known to be 1.
     """
     if len(data) < _HEADER.size:
-        raise ProtocolError(f"region too small for a header: {len(data)} < {_HEADER.size} bytes")
+        raise RemoteProtocolError(f"region too small for a header: {len(data)} < "
+                                  f"{_HEADER.size} bytes")
     (magic, name, major, minor, header_size, region_size, nr_vcpus, g_off, g_size,
      h_off, h_size) = _HEADER.unpack_from(data)
     if magic != MAGIC:
         if magic == bytes(8):
-            raise ProtocolError("region is not formatted (magic is zero)")
-        raise ProtocolError(f"region is of another protocol (magic {magic!r})")
+            raise RemoteProtocolError("region is not formatted (magic is zero)")
+        raise RemoteProtocolError(f"region is of another protocol (magic {magic!r})")
     if name.rstrip(b"\0") != PROTOCOL_NAME.encode():
         shown = name.rstrip(b"\0").decode("ascii", "replace")
-        raise ProtocolError(f"region is of another protocol ({shown!r})")
+        raise RemoteProtocolError(f"region is of another protocol ({shown!r})")
     return RegionHeader(major, minor, RegionLayout(
         nr_vcpus=nr_vcpus, header_size=header_size, guest_table_offset=g_off,
         guest_slot_size=g_size, host_table_offset=h_off, host_slot_size=h_size,
@@ -138,25 +139,25 @@ def check_layout(header: RegionHeader, mapped_size: int) -> RegionLayout:
     """Check a v1 header's layout against the bytes actually mapped."""
     lay = header.layout
     if header.abi_major != VERSION_MAJOR:
-        raise ProtocolError(f"region ABI {header.abi_major}.{header.abi_minor} is not "
+        raise RemoteProtocolError(f"region ABI {header.abi_major}.{header.abi_minor} is not "
                             f"supported (this side speaks {VERSION_MAJOR}.x)")
     if not 1 <= lay.nr_vcpus <= MAX_VCPUS:
-        raise ProtocolError(f"region nr_vcpus {lay.nr_vcpus} outside 1..{MAX_VCPUS}")
+        raise RemoteProtocolError(f"region nr_vcpus {lay.nr_vcpus} outside 1..{MAX_VCPUS}")
     if lay.header_size < HEADER_SIZE or lay.header_size % LINE:
-        raise ProtocolError(f"region header size {lay.header_size} is invalid")
+        raise RemoteProtocolError(f"region header size {lay.header_size} is invalid")
     for what, off, size in (("guest", lay.guest_table_offset, lay.guest_slot_size),
                             ("host", lay.host_table_offset, lay.host_slot_size)):
         # newer minors may grow slots; v1 fields stay at the start of each slot
         if size < SLOT_SIZE or size % LINE or off % LINE or off < lay.header_size:
-            raise ProtocolError(f"region {what} table (offset {off}, slot {size}) is invalid")
+            raise RemoteProtocolError(f"region {what} table (offset {off}, slot {size}) is invalid")
         if off + size * lay.nr_vcpus > lay.region_size:
-            raise ProtocolError(f"region {what} table ends past the region size")
+            raise RemoteProtocolError(f"region {what} table ends past the region size")
     g_end = lay.guest_table_offset + lay.guest_slot_size * lay.nr_vcpus
     h_end = lay.host_table_offset + lay.host_slot_size * lay.nr_vcpus
     if lay.guest_table_offset < h_end and lay.host_table_offset < g_end:
-        raise ProtocolError("region guest and host tables overlap")
+        raise RemoteProtocolError("region guest and host tables overlap")
     if lay.region_size > mapped_size:
-        raise ProtocolError(f"region claims {lay.region_size} bytes but only {mapped_size} "
+        raise RemoteProtocolError(f"region claims {lay.region_size} bytes but only {mapped_size} "
                             f"are mapped")
     return lay
 
@@ -195,10 +196,6 @@ def _state(value: int) -> PeerState:
 def line_seq(line: bytes) -> int:
     """The sequence counter at the start of any control line or slot."""
     return _SEQ.unpack_from(line)[0]
-
-
-def encode_seq(seq: int) -> bytes:
-    return _SEQ.pack(seq & 0xFFFFFFFF)
 
 
 def encode_guest_control(ctl: GuestControl, seq: int = 0) -> bytes:
@@ -246,7 +243,7 @@ def encode_host_slot(cap: VcpuCapacity, seq: int = 0) -> bytes:
     c = make_capacity(cap.vcpu, cap.capacity, cap.pcpu, cap.host_load, int(cap.applied),
                       cap.acked_generation)
     return _HOST_SLOT.pack(seq & 0xFFFFFFFF, c.capacity, c.host_load,
-                           min(c.pcpu, 0x7FFFFFFF), int(c.applied), c.acked_generation & U64)
+                           c.pcpu, int(c.applied), c.acked_generation & U64)
 
 
 def decode_host_slot(vcpu: int, line: bytes) -> VcpuCapacity:

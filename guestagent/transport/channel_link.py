@@ -8,13 +8,16 @@ import socket
 from collections.abc import Sequence
 
 from guestagent.errors import GuestagentError
-from guestagent.protocol.channel import encode_message
-from guestagent.protocol.connection import (
+from guestagent.protocol import (
     BadLine,
+    Connection,
     GuestConnection,
+    HeartbeatWatch,
     HostConnection,
+    LinkState,
+    Refused,
     Resync,
-    _Connection,
+    encode_message,
 )
 from guestagent.protocol.messages import (
     Ack,
@@ -34,11 +37,11 @@ from guestagent.protocol.model import (
     VcpuHint,
 )
 from guestagent.transport import stream
+from guestagent.transport.complaints import Complaints
 from guestagent.transport.link import (
     ALL_FEATURES,
     Backoff,
     GuestView,
-    HeartbeatWatch,
     HostView,
     LinkErrors,
     new_epoch,
@@ -54,8 +57,11 @@ class _ChannelEnd:
 
     kind = "channel"
 
-    def __init__(self, conn: _Connection, heartbeat_period: float, stale_after: float) -> None:
+    def __init__(self, conn: Connection, heartbeat_period: float, stale_after: float) -> None:
         self.conn = conn
+        self.complain = Complaints("channel")
+        self._stale_after = stale_after
+        self._synced_at = 0.0  # when our last sync was sent
         self._fd: int | None = None
         self._sock: socket.socket | None = None
         self._parked = False  # port open but its host end closed (POLLHUP)
@@ -108,20 +114,27 @@ class _ChannelEnd:
             self._retry_at = None
             self._reopen(now)
         if self._fd is not None and not self._parked:
-            if now >= self._next_heartbeat and self.conn.state in ("negotiating", "up"):
+            if self.conn.awaiting_sync_ack and now - self._synced_at > self._stale_after:
+                # our sync (or its ack) was lost: ask again rather than wait forever
+                self.complain("no-sync-ack", f"no sync-ack within {self._stale_after:g} s; "
+                              "syncing again", now)
+                self.conn.resync()
+                self._synced_at = now
+            if now >= self._next_heartbeat and self.conn.allows(Heartbeat):
                 self._heartbeat(now)
             self._flush(now)
         deadlines = [d for d in (self._retry_at,) if d is not None]
         if self._fd is not None and not self._parked:
             deadlines.append(self._next_heartbeat)
+            if self.conn.awaiting_sync_ack:
+                deadlines.append(self._synced_at + self._stale_after)
             if self._sending or self._coalesced:
                 deadlines.append(now + FLUSH_RETRY)
         return min(deadlines) if deadlines else None
 
     def set_state(self, state: PeerState, now: float) -> None:
         self.state = state
-        if self._fd is not None and not self._parked and self.conn.state in ("negotiating",
-                                                                            "up"):
+        if self._fd is not None and not self._parked and self.conn.allows(Heartbeat):
             self._heartbeat(now)
             self._flush(now)
 
@@ -133,7 +146,8 @@ class _ChannelEnd:
 
     def _heartbeat(self, now: float) -> None:
         self._hb_seq += 1
-        self._coalesced["heartbeat"] = encode_message(Heartbeat(self._hb_seq, self.state))
+        self._coalesced["heartbeat"] = self.conn.encode(Heartbeat(self._hb_seq, self.state,
+                                                                  self.conn.epoch))
         self._next_heartbeat = now + self._period
 
     def _flush(self, now: float) -> None:
@@ -164,6 +178,7 @@ class _ChannelEnd:
         self._sending.clear()
         self._coalesced.clear()
         self.conn.connect()
+        self._synced_at = now
         self._next_heartbeat = now
         self._flush(now)
 
@@ -199,21 +214,28 @@ class _ChannelEnd:
     def _dispatch(self, events: list, now: float) -> None:
         for event in events:
             if isinstance(event, BadLine):
+                self.complain(event.kind, event.reason, now)
                 continue
             self._watch.heard(now)
             if isinstance(event, Error):
                 self._peer_errors += 1
                 self._reason = f"peer error {event.code}: {event.message}"[:200]
+                self.complain("peer-error", self._reason, now)
             self._event(event, now)
 
     def _errors(self) -> LinkErrors:
         return LinkErrors.of(self.conn.counters, io_errors=self._io_errors,
                              peer_errors=self._peer_errors)
 
-    def _link(self) -> str:
+    def _queue(self, key: str, kind: type, data: bytes) -> None:
+        """Coalesce pre-encoded bytes of a message the connection's state allows."""
+        self.conn.check_send(kind)
+        self._coalesced[key] = data
+
+    def _link(self) -> LinkState:
         state = self.conn.state
-        if state == "up" and self._watch.stale(self._now):
-            return "down"
+        if state == LinkState.UP and self._watch.stale(self._now):
+            return LinkState.DOWN
         return state
 
     def _reopen(self, now: float) -> None:
@@ -290,8 +312,8 @@ class ChannelGuestLink(_ChannelEnd):
 
     def publish(self, hints: Sequence[VcpuHint], generation: int, now: float) -> None:
         self._table = encode_message(Hints(generation, tuple(hints)))
-        if self.conn.state == "up":
-            self._coalesced["table"] = self._table
+        if self.conn.allows(Hints):
+            self._queue("table", Hints, self._table)
             self._flush(now)
 
     def _event(self, event: object, now: float) -> None:
@@ -301,9 +323,13 @@ class ChannelGuestLink(_ChannelEnd):
                 self._reason = ""
                 self._heartbeat(now)
                 if self._table is not None:
-                    self._coalesced["table"] = self._table
+                    self._queue("table", Hints, self._table)
             else:
                 self._reason = f"refused by host: {event.reason}"
+                self.complain("refused", self._reason, now)
+        elif isinstance(event, Refused):
+            self._reason = f"refusing host: {event.reason}"
+            self.complain("refused", self._reason, now)
         elif isinstance(event, Heartbeat):
             self._host_state = event.state
         elif isinstance(event, Capacity):
@@ -315,14 +341,14 @@ class ChannelGuestLink(_ChannelEnd):
 
     def view(self) -> GuestView:
         link = self._link()
-        usable = (link == "up" and Feature.CAPACITY in self.conn.features
+        usable = (link == LinkState.UP and Feature.CAPACITY in self.conn.features
                   and self._host_state not in (PeerState.STOPPING, PeerState.ABSENT))
         capacity = self._capacity if usable else None
         age = (self._now - self._capacity_at
                if capacity is not None and self._capacity_at is not None else None)
         return GuestView("channel", link, self._host_state, self.conn.features, capacity, age,
                          self._acked, self._watch.last_change,
-                         "" if link == "up" else self._reason, self._errors())
+                         "" if link == LinkState.UP else self._reason, self._errors())
 
 
 class ChannelHostLink(_ChannelEnd):
@@ -388,12 +414,12 @@ class ChannelHostLink(_ChannelEnd):
 
     def _event(self, event: object, now: float) -> None:
         if isinstance(event, Hello):
-            if self.conn.state == "up":
+            if self.conn.state == LinkState.UP:
                 self._reason = ""
                 if self._guest_state == PeerState.ABSENT:
                     self._guest_state = PeerState.STARTING
                 if self._table is not None:
-                    self._coalesced["table"] = self._table
+                    self._queue("table", Capacity, self._table)
                 self._heartbeat(now)
             else:
                 self._reason = f"refused guest: {event.major}.{event.minor} {event.protocol!r}"
@@ -408,20 +434,20 @@ class ChannelHostLink(_ChannelEnd):
         self._cap_seq += 1
         acked = max((c.acked_generation for c in caps), default=0)
         self._table = encode_message(Capacity(self._cap_seq, tuple(caps)))
-        if self.conn.state != "up":
+        if not self.conn.allows(Capacity):
             return
         if Feature.CAPACITY in self.conn.features:
-            self._coalesced["table"] = self._table
+            self._queue("table", Capacity, self._table)
         if acked != self._ack:
             self._ack = acked
-            self._coalesced["ack"] = encode_message(Ack(acked))
+            self._coalesced["ack"] = self.conn.encode(Ack(acked))
         self._flush(now)
 
     def view(self) -> HostView:
         link = self._link()
         return HostView("channel", link, self._guest_state, self.conn.features,
                         self._generation, self._hints, self._watch.last_change,
-                        "" if link == "up" else self._reason, self._errors())
+                        "" if link == LinkState.UP else self._reason, self._errors())
 
     def close(self) -> None:
         super().close()

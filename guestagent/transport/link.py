@@ -16,14 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from guestagent.protocol.connection import Counters
-from guestagent.protocol.model import (
-    STALE_AFTER,
-    Feature,
-    PeerState,
-    VcpuCapacity,
-    VcpuHint,
-)
+from guestagent.protocol import Counters, Feature, LinkState, PeerState, VcpuCapacity, VcpuHint
 
 ALL_FEATURES = Feature.CAPACITY | Feature.COLOCATION | Feature.NICE_HINTS | Feature.DEADLINE_HINTS
 
@@ -58,7 +51,7 @@ class GuestView:
     """What the guest knows of the host, at one moment."""
 
     kind: str  # "region" | "channel"
-    link: str  # "down" | "negotiating" | "up" | "refused"
+    link: LinkState
     host_state: PeerState
     features: Feature  # in use (AND of both sides) once up
     capacity: tuple[VcpuCapacity, ...] | None  # None: unknown (no host, stale, not offered)
@@ -74,7 +67,7 @@ class HostView:
     """What the host knows of the guest, at one moment."""
 
     kind: str
-    link: str
+    link: LinkState
     guest_state: PeerState
     features: Feature
     generation: int  # generation of `hints`
@@ -121,25 +114,3 @@ class Backoff:
 
     def reset(self) -> None:
         self.delay = self.first
-
-
-class HeartbeatWatch:
-    """When a peer's heartbeat last advanced, by our own clock (no shared clock)."""
-
-    def __init__(self, stale_after: float = STALE_AFTER) -> None:
-        self.stale_after = stale_after
-        self.value: int | None = None
-        self.last_change: float | None = None
-
-    def observe(self, value: int, now: float) -> None:
-        if value != self.value:
-            self.value, self.last_change = value, now
-
-    def heard(self, now: float) -> None:
-        self.last_change = now
-
-    def forget(self) -> None:
-        self.value = self.last_change = None
-
-    def stale(self, now: float) -> bool:
-        return self.last_change is None or now - self.last_change > self.stale_after

@@ -6,6 +6,8 @@ guestagent.protocol.region; who writes which line is the region links' job.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import mmap
 import os
 from dataclasses import dataclass
@@ -20,29 +22,81 @@ PCI_DEVICES = "/sys/bus/pci/devices"
 
 @dataclass
 class MappedRegion:
-    """A shared mapping and where it came from; close() unmaps it."""
+    """A shared mapping, where it came from and its file; close() unmaps it.
+
+    A file that shrinks under a mapping makes the next access past its end a
+    SIGBUS, which kills a Python process: call shrunk() before touching mm.
+    """
 
     mm: mmap.mmap
     size: int
     source: str
+    fd: int = -1  # kept open for shrunk() (and the lock, if taken)
+
+    def shrunk(self) -> str | None:
+        """Why the mapping must not be touched now (the file is shorter than the
+        mapping, or cannot be looked at), or None."""
+        if self.fd < 0:
+            return None
+        try:
+            now = os.fstat(self.fd).st_size
+        except OSError as err:
+            return f"cannot look at {self.source}: {err.strerror or err}"
+        if now < self.size:
+            return f"{self.source} shrank to {now} bytes under a mapping of {self.size}"
+        return None
 
     def close(self) -> None:
         if not self.mm.closed:
             self.mm.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def _oserror(action: str, path: str, err: OSError) -> GuestagentError:
     return GuestagentError(f"cannot {action} {path}: {err.strerror or err}")
 
 
-def map_file(path: str, size: int | None = None, min_size: int = 0) -> MappedRegion:
-    """Map a region file; with size, create it or grow it to that size first."""
-    flags = os.O_RDWR | (os.O_CREAT if size is not None else 0)
+def lock_holder(fd: int, locks: str = "/proc/locks") -> int | None:
+    """The pid holding a flock on fd's file, from /proc/locks (None if not found)."""
+    st = os.fstat(fd)
+    want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open(locks) as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == want:
+                    return int(fields[4])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _lock(fd: int, path: str) -> None:
+    """One agent per region: a second one would overwrite the first one's hints."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return  # a filesystem without locks: go on unlocked
+        pid = lock_holder(fd)
+        who = f"pid {pid}" if pid is not None else "another process"
+        raise GuestagentError(f"region {path} is in use by {who}") from None
+
+
+def map_file(path: str, size: int | None = None, min_size: int = 0,
+             lock: bool = False) -> MappedRegion:
+    """Map a region file; with size, create it or grow it to that size first.
+    With lock, hold an exclusive flock on it for as long as it is mapped."""
+    flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if size is not None else 0)
     try:
         fd = os.open(path, flags, 0o600)
     except OSError as err:
         raise _oserror("open region", path, err) from None
     try:
+        if lock:
+            _lock(fd, path)
         actual = os.fstat(fd).st_size
         if size is not None and actual < size:
             os.ftruncate(fd, size)
@@ -52,10 +106,12 @@ def map_file(path: str, size: int | None = None, min_size: int = 0) -> MappedReg
                                   f"{max(min_size, 1)}")
         mm = mmap.mmap(fd, actual, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     except OSError as err:
-        raise _oserror("map region", path, err) from None
-    finally:
         os.close(fd)
-    return MappedRegion(mm, actual, path)
+        raise _oserror("map region", path, err) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return MappedRegion(mm, actual, path, fd)
 
 
 def _read_id(path: Path) -> int | None:
@@ -77,7 +133,7 @@ def find_ivshmem(root: str = PCI_DEVICES) -> list[Path]:
 
 
 def map_ivshmem(device: str | None = None, root: str = PCI_DEVICES,
-                min_size: int = 0) -> MappedRegion:
+                min_size: int = 0, lock: bool = False) -> MappedRegion:
     """Enable an ivshmem device (the first found, unless named) and map its BAR 2."""
     if device is None:
         found = find_ivshmem(root)
@@ -93,4 +149,4 @@ def map_ivshmem(device: str | None = None, root: str = PCI_DEVICES,
             enable.write_text("1")
     except OSError as err:
         raise _oserror("enable ivshmem device", str(enable), err) from None
-    return map_file(str(dev / "resource2"), min_size=min_size)
+    return map_file(str(dev / "resource2"), min_size=min_size, lock=lock)

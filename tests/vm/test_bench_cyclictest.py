@@ -26,6 +26,8 @@ from bench.vm_latency.cyclictest import (  # noqa: E402
 )
 from bench.vm_latency.report import ratios, table, write_png  # noqa: E402
 
+pytestmark = pytest.mark.root
+
 needs_cyclictest = pytest.mark.skipif(
     not shutil.which("cyclictest") or os.geteuid() != 0,
     reason="needs cyclictest (Debian package rt-tests) and root for its RT threads",

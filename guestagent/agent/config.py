@@ -8,35 +8,19 @@ name the file and the line of the offending key.
 from __future__ import annotations
 
 import fnmatch
-import sys
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from guestagent.errors import ConfigError
-from guestagent.observe.parse import systemd_unit
-from guestagent.protocol.model import NICE_MAX, NICE_MIN, RT_PRIORITY_MAX, SchedClass
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.9/3.10 guests only
-    import tomli as tomllib
+from guestagent.linux.procfs import systemd_unit
+from guestagent.linux.schema import KeyLines, KeySpec, check_value, tomllib
+from guestagent.protocol.model import SchedClass
+from guestagent.sched import NICE_MAX, NICE_MIN, POLICY_BY_NAME, RT_PRIORITY_MAX
 
 DEFAULT_PATH = "/etc/guestagent/guestagent.toml"
-
-
-@dataclass(frozen=True)
-class KeySpec:
-    """One configuration key: where it lives, what it holds, what it means."""
-
-    section: str
-    name: str
-    type: str  # "int" | "float" | "bool" | "str" | "list[str]" | "choice"
-    default: Any
-    doc: str
-    minimum: float | None = None
-    maximum: float | None = None
-    choices: tuple[str, ...] = ()
+RUN_DIR = "/run/guestagent"  # the daemon's own directory: the one it may create
 
 
 SCHEMA: tuple[KeySpec, ...] = (
@@ -138,8 +122,6 @@ RULE_KEYS: tuple[KeySpec, ...] = (
             "partitions)."),
 )
 RULE_MATCH_KEYS = ("comm", "cgroup", "unit", "exe")
-SCHED_BY_NAME = {"fifo": SchedClass.FIFO, "rr": SchedClass.RR,
-                 "deadline": SchedClass.DEADLINE, "other": SchedClass.OTHER}
 
 
 @dataclass(frozen=True)
@@ -158,7 +140,7 @@ class Rule:
 
     @property
     def sched_class(self) -> SchedClass:
-        return SCHED_BY_NAME[self.sched]
+        return SchedClass(POLICY_BY_NAME[self.sched])
 
     def matches(self, comm: str, cgroup: str, exe: str) -> bool:
         """True when every pattern the rule sets matches (an unread field never matches)."""
@@ -269,8 +251,25 @@ def parse_config(raw: bytes, path: str = "<string>") -> Config:
             if spec is None:
                 raise ConfigError(f"{where}: unknown key {section}.{name}")
             values[section][name] = check_value(spec, value, where)  # type: ignore[index]
+    check_paths(values, path, lines)
     rules = parse_rules(data.get("rule", []), path, lines)
     return Config(values=values, rules=rules, source=path)
+
+
+def check_paths(values: Mapping[str, Mapping[str, Any]], path: str, lines: KeyLines) -> None:
+    """Refuse paths the daemon cannot use safely: it creates no directory but RUN_DIR."""
+    socket = values["control"]["socket"]
+    if not os.path.isabs(socket):
+        raise ConfigError(f"{path}:{lines.key('control', 'socket')}: control.socket must be an "
+                          f"absolute path, not {socket!r}")
+    textfile_dir = values["metrics"]["textfile_dir"]  # written into, so it must exist itself
+    for section, name, parent in (
+            ("transport", "local_region", os.path.dirname(values["transport"]["local_region"])),
+            ("control", "socket", os.path.dirname(socket)),
+            ("metrics", "textfile_dir", textfile_dir and os.path.normpath(textfile_dir))):
+        if parent and parent != RUN_DIR and not os.path.isdir(parent):
+            raise ConfigError(f"{path}:{lines.key(section, name)}: {section}.{name}: directory "
+                              f"{parent} does not exist")
 
 
 def parse_rules(raw: Any, path: str, lines: KeyLines) -> tuple[Rule, ...]:
@@ -299,81 +298,6 @@ def parse_rules(raw: Any, path: str, lines: KeyLines) -> tuple[Rule, ...]:
         names.add(fields["name"])
         rules.append(Rule(**fields))
     return tuple(rules)
-
-
-def check_value(spec: KeySpec, value: Any, where: str) -> Any:
-    """Return the value if it fits the spec, else raise ConfigError naming `where`."""
-    label = f"{spec.section}.{spec.name}"
-    if spec.type == "bool":
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: {label} must be true or false")
-        return value
-    if spec.type in ("int", "float"):
-        numeric = (int,) if spec.type == "int" else (int, float)
-        if isinstance(value, bool) or not isinstance(value, numeric):
-            kind = "an integer" if spec.type == "int" else "a number"
-            raise ConfigError(f"{where}: {label} must be {kind}")
-        if spec.minimum is not None and value < spec.minimum:
-            raise ConfigError(f"{where}: {label} must be at least {_num(spec.minimum)}")
-        if spec.maximum is not None and value > spec.maximum:
-            raise ConfigError(f"{where}: {label} must be at most {_num(spec.maximum)}")
-        return float(value) if spec.type == "float" else value
-    if spec.type == "str":
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: {label} must be a string")
-        return value
-    if spec.type == "choice":
-        if value not in spec.choices:
-            raise ConfigError(f"{where}: {label} must be one of {', '.join(spec.choices)}")
-        return value
-    if spec.type == "list[str]":
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{where}: {label} must be a list of strings")
-        return list(value)
-    raise AssertionError(f"unknown key type {spec.type}")
-
-
-def _num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else str(x)
-
-
-class KeyLines:
-    """Finds the line of a key in TOML text, for error messages.
-
-    tomllib gives values without positions; this scans the text once for table
-    headers and `key =` lines. It handles the plain layout a config file has
-    (headers, [[rule]] arrays, one key per line); for anything else the line of
-    the enclosing table is the answer.
-    """
-
-    def __init__(self, text: str) -> None:
-        self.keys: dict[tuple[Any, str], int] = {}
-        self.tables: dict[Any, int] = {}
-        table: Any = ""
-        counts: dict[str, int] = {}
-        for number, line in enumerate(text.splitlines(), 1):
-            stripped = line.strip()
-            if stripped.startswith("[["):
-                name = stripped[2:].split("]]", 1)[0].strip()
-                index = counts.get(name, 0)
-                counts[name] = index + 1
-                table = (name, index)
-                self.tables.setdefault(table, number)
-            elif stripped.startswith("["):
-                table = stripped[1:].split("]", 1)[0].strip()
-                self.tables.setdefault(table, number)
-            elif "=" in stripped and not stripped.startswith("#"):
-                key = stripped.split("=", 1)[0].strip().strip("\"'")
-                self.keys.setdefault((table, key), number)
-
-    def key(self, table: Any, key: str) -> int:
-        return self.keys.get((table, key)) or self.tables.get(table, 1)
-
-    def table(self, name: str) -> int:
-        return self.tables.get(name) or self.keys.get(("", name), 1)
-
-    def array_table(self, name: str, index: int) -> int:
-        return self.tables.get((name, index), 1)
 
 
 # -- rendering ---------------------------------------------------------------

@@ -16,16 +16,11 @@ import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from guestagent.config import Config, first_rule
-from guestagent.protocol.model import (
-    RT_PRIORITY_MAX,
-    HintFlag,
-    Request,
-    SchedClass,
-    VcpuHint,
-)
+from guestagent.agent.config import Config, first_rule
+from guestagent.protocol.model import HintFlag, Request, SchedClass, VcpuHint
+from guestagent.sched import RT_POLICIES as RT_CLASSES
+from guestagent.sched import RT_PRIORITY_MAX
 
-RT_CLASSES = (SchedClass.FIFO, SchedClass.RR, SchedClass.DEADLINE)
 CRITICAL_GROUP = 1  # the co-location group of vCPUs carrying critical work
 # A vCPU counts as running only low-priority work when at least this share of
 # its busy time went to niced, SCHED_BATCH or SCHED_IDLE work...
@@ -225,7 +220,7 @@ def _lowprio_threads(snapshot) -> dict[int, list[str]]:
 
 def wanted_hints(snapshot, config: Config) -> dict[int, Wanted]:
     """What every vCPU needs right now. vCPUs are 0..max(possible)."""
-    nr_vcpus = max(snapshot.cpus.possible, default=0) + 1
+    nr_vcpus = snapshot.cpus.nr_vcpus
     needs = thread_needs(snapshot, config) + irq_needs(snapshot, config)
     by_vcpu: dict[int, list[Need]] = {}
     for need in needs:

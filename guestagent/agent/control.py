@@ -9,18 +9,27 @@ second fence.
 
 from __future__ import annotations
 
-import grp
 import json
 import os
 import socket
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from guestagent.agent.config import RUN_DIR
 from guestagent.errors import GuestagentError
+from guestagent.linux.jsonlines import (
+    JsonLineClient,
+    JsonLineListener,
+    LineReader,
+    LineTooLong,
+    SocketInUse,
+    encode_line,
+    peer_credentials,
+)
 
 MAX_REQUEST = 64 * 1024
+MAX_RESPONSE = 16 << 20  # a status document of thousands of threads fits
 CLIENT_TIMEOUT = 0.5  # a client that does not send its line in time is dropped
 READ_COMMANDS = frozenset({"status", "hints", "capacity", "ping"})
 WRITE_COMMANDS = frozenset({"reload"})
@@ -38,13 +47,6 @@ class Peer:
 Handler = Callable[[dict, Peer], dict]
 
 
-def group_id(name: str) -> int | None:
-    try:
-        return grp.getgrnam(name).gr_gid
-    except KeyError:
-        return None
-
-
 def supplementary_groups(pid: int) -> frozenset[int]:
     """The peer's supplementary groups, from /proc/<pid>/status ("Groups:" line)."""
     try:
@@ -58,51 +60,39 @@ def supplementary_groups(pid: int) -> frozenset[int]:
 
 
 def peer_of(conn: socket.socket, read_gid: int | None) -> Peer:
-    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", creds)
-    admin = uid == 0
-    member = read_gid is not None and (gid == read_gid or read_gid in supplementary_groups(pid))
-    return Peer(pid, uid, gid, may_read=admin or member, may_write=admin)
+    creds = peer_credentials(conn)
+    admin = creds.uid == 0
+    member = read_gid is not None and (creds.gid == read_gid
+                                       or read_gid in supplementary_groups(creds.pid))
+    return Peer(creds.pid, creds.uid, creds.gid, may_read=admin or member, may_write=admin)
 
 
 class ControlServer:
-    """Non-blocking listener driven by the daemon's event loop."""
+    """Non-blocking listener driven by the daemon's event loop.
+
+    ``notes`` holds what the daemon should say once (e.g. a missing group).
+    """
 
     def __init__(self, path: str, group: str, handler: Handler) -> None:
         self.path = path
         self.handler = handler
-        self.read_gid = group_id(group)
-        directory = os.path.dirname(path)
-        if directory:
-            os.makedirs(directory, mode=0o755, exist_ok=True)
-        if os.path.exists(path) and _is_live(path):
-            raise GuestagentError(f"another agent is listening on {path}")
+        if os.path.dirname(path) == RUN_DIR:
+            os.makedirs(RUN_DIR, mode=0o755, exist_ok=True)
         try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old = os.umask(0o177)
-        try:
-            self.sock.bind(path)
-        finally:
-            os.umask(old)
-        if self.read_gid is not None:
-            os.chown(path, 0 if os.geteuid() == 0 else -1, self.read_gid)
-            os.chmod(path, 0o660)
-        self.sock.listen(16)
-        self.sock.setblocking(False)
-        self.refused = 0
+            self.listener = JsonLineListener(path, "control socket", mode=0o660, group=group)
+        except SocketInUse:
+            raise GuestagentError(f"another agent is listening on {path}") from None
+        self.read_gid = self.listener.gid
+        self.notes = self.listener.notes
 
     def fileno(self) -> int:
-        return self.sock.fileno()
+        return self.listener.fileno()
 
     def on_readable(self) -> None:
         """Serve every pending connection, each with one bounded request."""
         while True:
-            try:
-                conn, _ = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
+            conn = self.listener.accept()
+            if conn is None:
                 return
             with conn:
                 self._serve(conn)
@@ -111,15 +101,16 @@ class ControlServer:
         conn.settimeout(CLIENT_TIMEOUT)
         try:
             peer = peer_of(conn, self.read_gid)
-            line = _read_line(conn)
-            response = self.respond(line, peer)
-            conn.sendall(json.dumps(response, separators=(",", ":")).encode() + b"\n")
+            try:
+                line = LineReader(conn, MAX_REQUEST).read_line(partial=True) or None
+            except LineTooLong:
+                line = None
+            conn.sendall(encode_line(self.respond(line, peer), compact=True))
         except OSError:
             pass  # client went away or stalled: its problem, not the daemon's
 
     def respond(self, line: bytes | None, peer: Peer) -> dict:
         if not peer.may_read:
-            self.refused += 1
             return {"ok": False, "error": "permission denied: not root and not in the "
                     "control group"}
         if line is None:
@@ -132,57 +123,21 @@ class ControlServer:
             return {"ok": False, "error": "request needs a \"cmd\" string"}
         cmd = request["cmd"]
         if cmd in WRITE_COMMANDS and not peer.may_write:
-            self.refused += 1
             return {"ok": False, "error": f"permission denied: {cmd} needs root"}
         if cmd not in READ_COMMANDS | WRITE_COMMANDS:
             return {"ok": False, "error": f"unknown command {cmd!r}"}
         return self.handler(request, peer)
 
     def close(self) -> None:
-        self.sock.close()
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
-
-
-def _read_line(conn: socket.socket) -> bytes | None:
-    data = b""
-    while b"\n" not in data:
-        chunk = conn.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-        if len(data) > MAX_REQUEST:
-            return None
-    line = data.split(b"\n", 1)[0]
-    return line or None
-
-
-def _is_live(path: str) -> bool:
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(0.5)
-            s.connect(path)
-        return True
-    except OSError:
-        return False
+        self.listener.close()
 
 
 def call(path: str, cmd: str, timeout: float = 3.0, **args: Any) -> dict:
     """Send one request to the agent; raise GuestagentError with a one-line reason."""
-    payload = json.dumps({"cmd": cmd, **args}).encode() + b"\n"
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
-            s.settimeout(timeout)
-            s.connect(path)
-            s.sendall(payload)
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
+        with JsonLineClient(path, timeout, MAX_RESPONSE) as client:
+            client.send({"cmd": cmd, **args})
+            data = client.read_line(partial=True) or b""
     except (FileNotFoundError, ConnectionRefusedError):
         raise GuestagentError(f"no agent running (nothing listens on {path})") from None
     except PermissionError:
@@ -190,6 +145,9 @@ def call(path: str, cmd: str, timeout: float = 3.0, **args: Any) -> dict:
                               "control group") from None
     except socket.timeout:
         raise GuestagentError(f"the agent did not answer on {path} within {timeout:g} s") \
+            from None
+    except LineTooLong:
+        raise GuestagentError(f"the agent sent a reply over {MAX_RESPONSE} bytes on {path}") \
             from None
     try:
         response = json.loads(data)

@@ -9,20 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from guestagent.policy import Decision, VcpuDecision
-from guestagent.protocol.model import HintFlag, Request, VcpuCapacity, VcpuHint
+from guestagent.agent.policy import Decision, VcpuDecision
+from guestagent.display import flag_names, table
+from guestagent.documents import SCHEMA_VERSION, capacity_entry, hint_json
+from guestagent.protocol.model import Request, VcpuCapacity
 
-SCHEMA_VERSION = 1
-
-
-def flag_names(flags: int, kind: type = HintFlag) -> list[str]:
-    return [f.name.lower() for f in kind if f.value and flags & f.value]
-
-
-def hint_json(hint: VcpuHint) -> dict:
-    return {"vcpu": hint.vcpu, "request": hint.request.name.lower(),
-            "class": hint.sched_class.name.lower(), "rt_priority": hint.rt_priority,
-            "nice": hint.nice, "flags": flag_names(hint.flags), "group": hint.group}
+__all__ = ["SCHEMA_VERSION", "capacity_json", "capacity_table", "decision_json",
+           "describe_need", "flag_names", "hint_json", "hints_json", "hints_table"]
 
 
 def decision_json(d: VcpuDecision) -> dict:
@@ -45,13 +38,9 @@ def hints_json(decision: Decision, generation: int, now: float) -> dict:
 
 
 def capacity_json(caps: Sequence[VcpuCapacity] | None, age: float | None) -> dict:
-    from guestagent.protocol.model import AppliedFlag
-
     return {"schema_version": SCHEMA_VERSION, "known": caps is not None,
             "age_s": None if age is None else round(age, 3),
-            "vcpus": [{"vcpu": c.vcpu, "capacity": c.capacity, "pcpu": c.pcpu,
-                       "host_load": c.host_load, "applied": flag_names(c.applied, AppliedFlag),
-                       "acked_generation": c.acked_generation} for c in caps or ()]}
+            "vcpus": [capacity_entry(c) for c in caps or ()]}
 
 
 def describe_need(h: dict) -> str:
@@ -60,17 +49,6 @@ def describe_need(h: dict) -> str:
             return f"boost {h['class']} {h['rt_priority']}"
         return f"boost nice {h['nice']}"
     return h["request"]
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """Left-aligned columns, two spaces apart; the last column is not padded."""
-    cells = [[str(c) for c in headers]] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = []
-    for r in cells:
-        parts = [c.ljust(widths[i]) if i < len(r) - 1 else c for i, c in enumerate(r)]
-        lines.append("  ".join(parts).rstrip())
-    return "\n".join(lines)
 
 
 def hints_table(data: dict) -> str:

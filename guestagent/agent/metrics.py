@@ -7,9 +7,9 @@ the collector never reads half a file.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 
+from guestagent.linux import atomic
 from guestagent.protocol.model import VcpuCapacity, VcpuHint
 
 FILENAME = "guestagent.prom"
@@ -65,15 +65,6 @@ def render(hints: Sequence[VcpuHint], capacity: Sequence[VcpuCapacity] | None,
 
 
 def write_atomically(directory: str, text: str, name: str = FILENAME) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, os.path.join(directory, name))
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    # Rewritten every few seconds and regenerated at start: no fsync needed.
+    atomic.write_atomically(os.path.join(directory, name), text.encode(), mode=0o644,
+                            durable=False)

@@ -1,0 +1,244 @@
+"""The host-wide arbiter (pure): which boosts every VM's plans may keep, under caps and budgets.
+
+Each VM's peer decides on its own what its guest may have (decide.py: clamps,
+the VM's own cap, lease, flood limit). Limits that must hold across VMs are
+decided here, over every VM's requests at once:
+
+- at most `per_cpu` boosted threads per physical CPU: a set of boosted threads is
+  admitted only if each can be given a slot on a CPU its affinity allows (a
+  matching), so RT threads never have to stack on one CPU;
+- at most `host` boosted threads on the host, and at most `per_vm` vCPUs of one VM;
+- a boost budget per thread after pvsched v3: a boosted thread spends its budget
+  by running (RT run time, so a boosted vCPU that mostly sleeps spends little),
+  and earns it back 1:1 with wall time while unboosted; when it is spent the thread
+  is returned to its normal settings until the budget is full again.
+
+Grants held stay ahead of new requests (no VM can take a slot by asking louder),
+then higher RT priority first. A VM's emulator (main-loop) thread is a companion:
+admitted right behind its VM's first granted vCPU (under TCG a vCPU boosted
+without the main loop gains nothing), inside the same caps and its own budget,
+and not counted in the VM's share. Nothing here reads a clock or the kernel: run times and `now` are
+passed in.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+
+from guestagent.host.undo import EMULATOR  # the thread index of a VM's main-loop thread
+
+NS = 1_000_000_000
+
+
+@dataclass(frozen=True)
+class ArbiterLimits:
+    """Host-wide limits; None means derived from the host's CPUs (see resolved())."""
+
+    per_cpu: int = 1  # boosted threads per physical CPU
+    host: int | None = None  # boosted threads on the host; None: one per CPU (times per_cpu)
+    per_vm: int | None = None  # boosted vCPUs of one VM; None: half the host's, at least 1
+    budget: float = 0.5  # seconds of boosted run time; earned back 1:1 while unboosted
+    min_slice: float = 0.01  # never wake more often than this to account a budget
+
+    def resolved(self, pcpus: frozenset[int]) -> ArbiterLimits:
+        host = self.host if self.host is not None else max(1, len(pcpus)) * self.per_cpu
+        per_vm = self.per_vm if self.per_vm is not None else max(1, host // 2)
+        return replace(self, host=host, per_vm=per_vm)
+
+
+@dataclass(frozen=True, order=True)
+class ThreadKey:
+    """A thread the arbiter accounts: a VM's vCPU index, or EMULATOR."""
+
+    vm: str
+    index: int
+
+    def describe(self) -> str:
+        return f"{self.vm} " + ("emulator" if self.index == EMULATOR else f"vCPU {self.index}")
+
+
+@dataclass(frozen=True)
+class BoostRequest:
+    """A thread whose VM's plan would boost it this round."""
+
+    key: ThreadKey
+    priority: int  # RT priority it would get (0 for a nice-level boost): higher wins
+    cpus: frozenset[int]  # CPUs it may run on (its affinity)
+
+
+class Verdict(str, enum.Enum):
+    GRANTED = "granted"
+    SPENT = "budget spent"  # its budget is spent; back once it is earned back
+    CPU_CAP = "per-CPU cap"  # no CPU its affinity allows has a free slot
+    HOST_CAP = "host cap"
+    VM_SHARE = "VM share"
+    NO_VCPU = "no vCPU boosted"  # emulator: none of its VM's vCPUs holds a boost
+    RT_TRAP = "RT cgroup trap"  # its cgroup has no RT runtime: the kernel refuses FIFO
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One thread's boost budget, as of `at`."""
+
+    remaining: float  # seconds of boosted run time left
+    at: float  # when it was last accounted
+    run_ns: int | None = None  # the thread's total run time then (schedstat), if known
+    boosted: bool = False  # boosted since `at`: spending, not earning
+    spent: bool = False  # ran out; withheld until full again
+    exhaustions: int = 0  # how often it ran out (for metrics)
+    boosted_seconds: float = 0.0  # boosted wall time, all told (for metrics)
+
+
+def fresh_budget(limits: ArbiterLimits, now: float, run_ns: int | None = None) -> Budget:
+    return Budget(limits.budget, now, run_ns)
+
+
+def account(b: Budget, run_ns: int | None, now: float, limits: ArbiterLimits) -> Budget:
+    """Spend what the thread ran while boosted, or earn back the wall time unboosted."""
+    elapsed = max(0.0, now - b.at)
+    if b.boosted:
+        if run_ns is not None and b.run_ns is not None:
+            ran = max(0, run_ns - b.run_ns) / NS
+        else:
+            ran = elapsed  # run time unknown: assume it ran all the time (the safe side)
+        remaining = b.remaining - ran
+        boosted_seconds = b.boosted_seconds + elapsed
+    else:
+        remaining = min(limits.budget, b.remaining + elapsed)
+        boosted_seconds = b.boosted_seconds
+    spent, exhaustions = b.spent, b.exhaustions
+    if remaining <= 0:
+        remaining = 0.0
+        if not spent:
+            spent, exhaustions = True, exhaustions + 1
+    elif spent and remaining >= limits.budget:
+        spent = False
+    return Budget(remaining, now, run_ns, b.boosted, spent, exhaustions, boosted_seconds)
+
+
+def _slots(pcpus: frozenset[int], per_cpu: int) -> list[tuple[int, int]]:
+    return [(cpu, n) for cpu in sorted(pcpus) for n in range(per_cpu)]
+
+
+class _Placement:
+    """Boosted threads matched to CPU slots (augmenting paths; the sets are small)."""
+
+    def __init__(self, pcpus: frozenset[int], per_cpu: int) -> None:
+        self.pcpus = pcpus
+        self.slots = _slots(pcpus, per_cpu)
+        self.owner: dict[tuple[int, int], ThreadKey] = {}
+        self.cpus: dict[ThreadKey, frozenset[int]] = {}
+
+    def _augment(self, key: ThreadKey, seen: set[tuple[int, int]]) -> bool:
+        for slot in self.slots:
+            if slot[0] not in self.cpus[key] or slot in seen:
+                continue
+            seen.add(slot)
+            holder = self.owner.get(slot)
+            if holder is None or self._augment(holder, seen):
+                self.owner[slot] = key
+                return True
+        return False
+
+    def try_add(self, key: ThreadKey, cpus: frozenset[int]) -> bool:
+        self.cpus[key] = cpus & self.pcpus
+        before = dict(self.owner)
+        if self._augment(key, set()):
+            return True
+        self.owner = before
+        del self.cpus[key]
+        return False
+
+    def assignment(self) -> dict[ThreadKey, int]:
+        return {key: slot[0] for slot, key in self.owner.items()}
+
+
+@dataclass(frozen=True)
+class Arbitration:
+    verdicts: Mapping[ThreadKey, Verdict]
+    cpus: Mapping[ThreadKey, int]  # a CPU each granted thread can have a slot on
+    budgets: Mapping[ThreadKey, Budget]  # accounted to `now`, `boosted` as granted
+    next_deadline: float | None  # when a budget runs out or is earned back
+
+    def granted(self, key: ThreadKey) -> bool:
+        return self.verdicts.get(key) == Verdict.GRANTED
+
+
+def arbitrate(requests: Sequence[BoostRequest], held: Iterable[ThreadKey],
+              budgets: Mapping[ThreadKey, Budget], run_ns: Mapping[ThreadKey, int],
+              pcpus: frozenset[int], limits: ArbiterLimits, now: float) -> Arbitration:
+    """Verdicts for this round's requests.
+
+    held: threads granted last round (they keep their place while still asked for);
+    budgets: every known thread's budget as last returned (threads not in it start full);
+    run_ns: each thread's total run time now, from /proc/PID/task/TID/schedstat;
+    pcpus: the host's CPUs boosts may use.
+    """
+    limits = limits.resolved(pcpus)
+    held = frozenset(held)
+    asked: dict[ThreadKey, BoostRequest] = {}
+    for r in requests:  # one request per thread: the first stands
+        asked.setdefault(r.key, r)
+    accounted: dict[ThreadKey, Budget] = {}
+    for key in set(budgets) | set(asked):
+        old = budgets.get(key) or fresh_budget(limits, now, run_ns.get(key))
+        accounted[key] = account(old, run_ns.get(key), now, limits)
+
+    def order(r: BoostRequest) -> tuple:
+        return (r.key not in held, -r.priority, r.key)
+
+    verdicts: dict[ThreadKey, Verdict] = {}
+    placement = _Placement(pcpus, limits.per_cpu)
+    per_vm: dict[str, int] = {}
+    total = 0
+    vcpus = sorted((r for r in asked.values() if r.key.index != EMULATOR), key=order)
+    emulators = {r.key.vm: r for r in asked.values() if r.key.index == EMULATOR}
+
+    def admit(r: BoostRequest) -> Verdict:
+        key = r.key
+        if accounted[key].spent:
+            return Verdict.SPENT
+        if key.index != EMULATOR and per_vm.get(key.vm, 0) >= limits.per_vm:
+            return Verdict.VM_SHARE
+        if total >= limits.host:
+            return Verdict.HOST_CAP
+        if not placement.try_add(key, r.cpus):
+            return Verdict.CPU_CAP
+        return Verdict.GRANTED
+
+    for r in vcpus:
+        verdicts[r.key] = admit(r)
+        if verdicts[r.key] != Verdict.GRANTED:
+            continue
+        total += 1
+        per_vm[r.key.vm] = per_vm.get(r.key.vm, 0) + 1
+        emu = emulators.get(r.key.vm)
+        if emu is not None and emu.key not in verdicts:
+            # Right behind its VM's first vCPU: under TCG a vCPU boosted without the main
+            # loop buys nothing, so the pair goes ahead of other VMs' vCPUs.
+            verdicts[emu.key] = admit(emu)
+            total += verdicts[emu.key] == Verdict.GRANTED
+    for emu in emulators.values():
+        if emu.key not in verdicts:
+            verdicts[emu.key] = Verdict.SPENT if accounted[emu.key].spent else Verdict.NO_VCPU
+
+    out: dict[ThreadKey, Budget] = {}
+    deadlines: list[float] = []
+    for key, b in accounted.items():
+        boosted = verdicts.get(key) == Verdict.GRANTED
+        b = replace(b, boosted=boosted)
+        out[key] = b
+        if boosted:  # running flat out, this is when it would run dry
+            deadlines.append(now + max(b.remaining, limits.min_slice))
+        elif b.spent and key in asked:
+            deadlines.append(now + max(limits.budget - b.remaining, limits.min_slice))
+    return Arbitration(verdicts, placement.assignment(), out,
+                       min(deadlines) if deadlines else None)
+
+
+def forget_vm(budgets: Mapping[ThreadKey, Budget], vm: str) -> dict[ThreadKey, Budget]:
+    """Budgets without a VM that went away."""
+    return {k: b for k, b in budgets.items() if k.vm != vm}
+

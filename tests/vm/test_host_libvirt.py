@@ -1,0 +1,302 @@
+"""`guestagent-host serve` against a real libvirtd and real TCG domains.
+
+Two transient libvirt domains boot the host's kernel under TCG: one with the
+org.guestagent.hints.0 channel, one with an ivshmem-plain <shmem>; the guest
+agent runs inside each (the host's root is shared read-only over 9p). The
+service discovers both from libvirt's status files and serves them at once; the
+RT cgroup trap that every libvirt cgroup sets here is refused with one clear
+line, then granted when configured and restored; SIGTERM restores everything,
+and so do `guestagent-host restore` and a restart after SIGKILL. A hostile guest
+(FIFO 99 on every vCPU, flapping, with busy vCPUs) stays inside the host cap and
+its budget. The daemons are started and stopped here, the shmem files removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers.waiting import wait_for
+
+from guestagent.host.cgroup import CgroupFs
+from testbed.libvirt import GUEST_PYTHON, Domain, Libvirtd, missing_components
+
+pytestmark = [pytest.mark.vm, pytest.mark.root]
+
+RT_TASK = ["taskset", "-c", "1", "chrt", "-f", "50", "sleep", "900"]
+
+
+def policy(tid: int) -> tuple[int, int]:
+    try:
+        return os.sched_getscheduler(tid), os.sched_getparam(tid).sched_priority
+    except OSError:
+        return (-1, -1)
+
+
+def vcpu_tids(pid: int) -> dict[int, int]:
+    out = {}
+    for entry in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{entry}/comm") as f:
+            comm = f.read().strip()
+        if comm.startswith("CPU ") and comm.endswith("/TCG"):
+            out[int(comm.split()[1].split("/")[0])] = int(entry)
+    return out
+
+
+AGENT_CONFIG = """\
+[agent]
+heartbeat_interval_ms = 250
+sweep_interval_ms = 50
+cpu_budget_percent = 10
+[transport]
+mode = "{mode}"
+[control]
+socket = "/run/guestagent-{mode}.sock"
+[policy]
+hold_time_ms = 300
+"""
+
+
+class Service:
+    """`guestagent-host serve` on the host, limited to this module's domains."""
+
+    def __init__(self, workdir: Path, prefix: str, extra: str = "", budget: float = 5.0
+                 ) -> None:
+        self.workdir = workdir
+        self.status = str(workdir / "status.sock")
+        self.state = str(workdir / "state")
+        self.log = workdir / "serve.log"
+        self.metrics = workdir / "host.prom"
+        (workdir / "vms.d").mkdir(exist_ok=True)
+        cfg = workdir / "host.toml"
+        cfg.write_text(f"""\
+heartbeat_period = 0.5
+max_rt_priority = 10
+max_boosted = 2
+min_change_interval = 0.05
+capacity_period = 0.5
+[host]
+libvirt_domains = ["{prefix}-*"]
+dropin_dir = "{workdir / 'vms.d'}"
+metrics_textfile = "{self.metrics}"
+max_boosted_per_cpu = 2
+max_boosted = 4
+max_boosted_per_vm = 1
+boost_budget = {budget}
+rescan_period = 1.0
+{extra}""")
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "guestagent.host.cli", "serve", "--config", str(cfg),
+                 "--status-socket", self.status, "--state-dir", self.state, "-v"],
+                stdout=log, stderr=log)
+
+    def doc(self) -> dict[str, Any] | None:
+        proc = subprocess.run([sys.executable, "-m", "guestagent.host.cli", "status", "--json",
+                               "--status-socket", self.status], capture_output=True, text=True,
+                              timeout=30)
+        return json.loads(proc.stdout) if proc.returncode == 0 else None
+
+    def vm(self, name: str) -> dict[str, Any] | None:
+        doc = self.doc()
+        for vm in (doc or {}).get("vms", []):
+            if vm["name"] == f"libvirt:{name}":
+                return vm
+        return None
+
+    def stop(self, signum: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signum)
+        return self.proc.wait(60)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+class Guest:
+    def __init__(self, dom: Domain, mode: str) -> None:
+        self.dom = dom
+        self.mode = mode
+        # The guest's /tmp is its own tmpfs: write the config from inside.
+        self.config = f"/run/agent-{mode}.toml"
+        dom.ctl().request("run", argv=["tee", self.config], timeout_s=30, timeout=60,
+                          input=AGENT_CONFIG.format(mode=mode))
+        self.agent = dom.spawn([GUEST_PYTHON, "-m", "guestagent", "run", "--config",
+                                self.config])
+        self.tasks: list[int] = []
+
+    def rt_task(self) -> None:
+        self.tasks.append(self.dom.spawn(RT_TASK))
+
+    def kill_tasks(self) -> None:
+        for pid in self.tasks:
+            self.dom.signal(pid, signal.SIGKILL)
+        self.tasks.clear()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Iterator[dict[str, Any]]:
+    missing = missing_components()
+    if missing:
+        pytest.skip("libvirt tests need " + "; ".join(missing))
+    if CgroupFs.find() is None:
+        pytest.skip("needs the cgroup v1 cpu controller with RT group scheduling")
+    daemon = Libvirtd()
+    doms: list[Domain] = []
+    try:
+        chan = Domain(channel=True, shmem=False, prefix="ga-lvt")
+        doms.append(chan)
+        reg = Domain(channel=False, shmem=True, prefix="ga-lvt")
+        doms.append(reg)
+        chan.start()
+        reg.start()
+        guests = {"channel": Guest(chan, "channel"), "region": Guest(reg, "region")}
+        yield {"daemon": daemon, "doms": {"channel": chan, "region": reg}, "guests": guests,
+               "workdir": tmp_path_factory.mktemp("serve")}
+    finally:
+        for d in doms:
+            d.close()
+        daemon.close()
+
+
+def _threads(dom: Domain) -> list[int]:
+    return [dom.pid, *vcpu_tids(dom.pid).values()]
+
+
+def _all_original(world) -> bool:
+    return all(policy(t)[0] == os.SCHED_OTHER for d in world["doms"].values()
+               for t in _threads(d))
+
+
+def _cgroup_runtimes(dom: Domain) -> dict[str, int]:
+    fs = CgroupFs.find()
+    out = {}
+    for tid in _threads(dom):
+        cg = fs.thread_cgroup(dom.pid, tid)
+        out.update(fs.chain_runtimes(cg))
+    return out
+
+
+def _linked(svc: Service, name: str) -> bool:
+    vm = svc.vm(name)
+    return bool(vm and vm.get("link_state") == "up" and vm.get("guest_state") == "RUNNING")
+
+
+def test_serve_finds_both_domains_refuses_rt_in_the_trap_then_grants_and_restores(world):
+    doms, guests = world["doms"], world["guests"]
+    chan, reg = doms["channel"], doms["region"]
+    before = {name: _cgroup_runtimes(d) for name, d in doms.items()}
+    assert all(v == 0 for rt in before.values() for v in rt.values()), before  # the trap
+    workdir = world["workdir"] / "trap"
+    workdir.mkdir()
+    svc = Service(workdir, "ga-lvt")
+    try:
+        assert wait_for(lambda: _linked(svc, chan.name) and _linked(svc, reg.name), 180), \
+            svc.log_text()
+        doc = svc.doc()
+        assert {v["transport"] for v in doc["vms"]} == {"channel", "region"}
+        for g in guests.values():
+            g.rt_task()
+        # Refused by the RT cgroup trap: one clear line per VM naming the cgroup, in status.
+        assert wait_for(lambda: (svc.vm(chan.name) or {}).get("rt_trap"), 120), svc.log_text()
+        vm = svc.vm(chan.name)
+        assert "cpu.rt_runtime_us = 0" in vm["rt_trap"] and "/machine" in vm["rt_trap"]
+        assert wait_for(lambda: (svc.vm(reg.name) or {}).get("rt_trap"), 60), svc.log_text()
+        assert sum("RT" in line and "EPERM" in line for line in svc.log_text().splitlines()
+                   if chan.name in line) == 1
+        assert any(v["eperm"] >= 1 for v in svc.vm(chan.name)["vcpus"])
+        assert _all_original(world)
+    finally:
+        assert svc.stop() == 0
+    for g in guests.values():
+        g.kill_tasks()
+
+    workdir = world["workdir"] / "grant"
+    workdir.mkdir()
+    svc = Service(workdir, "ga-lvt", "rt_cgroup_budget_us = 400000\n"
+                                     "rt_cgroup_per_thread_us = 50000\n")
+    try:
+        assert wait_for(lambda: _linked(svc, chan.name) and _linked(svc, reg.name), 180), \
+            svc.log_text()
+        for g in guests.values():
+            g.rt_task()
+        for d in (chan, reg):
+            tid = vcpu_tids(d.pid)[1]
+            assert wait_for(lambda t=tid: policy(t) == (os.SCHED_FIFO, 10), 120), \
+                svc.log_text()
+            # Under TCG the main loop delivers guest timers: it is boosted alongside.
+            assert wait_for(lambda p=d.pid: policy(p)[0] == os.SCHED_FIFO, 30), svc.log_text()
+            assert any(v > 0 for v in _cgroup_runtimes(d).values())
+        vm = svc.vm(chan.name)
+        assert vm["cgroups_granted"] and vm["emulator"]["boosted"]
+        assert "boosted" in vm["vcpus"][1]["applied"]
+        assert wait_for(lambda: svc.metrics.exists(), 30)
+        assert "guestagent_host_boosted_seconds_total" in svc.metrics.read_text()
+        # SIGKILL: the boosts stay; `guestagent-host restore` undoes threads and cgroups.
+        svc.stop(signal.SIGKILL)
+        assert policy(vcpu_tids(chan.pid)[1])[0] == os.SCHED_FIFO
+        out = subprocess.run([sys.executable, "-m", "guestagent.host.cli", "restore",
+                              "--state-dir", svc.state], capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert _all_original(world)
+        assert {n: _cgroup_runtimes(d) for n, d in doms.items()} == before
+    finally:
+        svc.stop(signal.SIGKILL)
+
+    # A restart serves again; SIGTERM then restores every thread and cgroup.
+    workdir = world["workdir"] / "restart"
+    workdir.mkdir()
+    svc = Service(workdir, "ga-lvt", "rt_cgroup_budget_us = 400000\n")
+    try:
+        tid = vcpu_tids(chan.pid)[1]
+        assert wait_for(lambda: policy(tid)[0] == os.SCHED_FIFO, 180), svc.log_text()
+    finally:
+        assert svc.stop() == 0
+    assert _all_original(world)
+    assert {n: _cgroup_runtimes(d) for n, d in doms.items()} == before
+    for g in guests.values():
+        g.kill_tasks()
+
+
+def test_hostile_guest_stays_inside_the_caps_and_budget(world):
+    """RT spinners on every vCPU make the guest ask FIFO for all of them: never more
+    boosted threads than the caps allow, the priority clamped, and the budget runs out."""
+    doms, guests = world["doms"], world["guests"]
+    chan = doms["channel"]
+    workdir = world["workdir"] / "hostile"
+    workdir.mkdir()
+    svc = Service(workdir, "ga-lvt", "rt_cgroup_budget_us = 400000\n", budget=0.3)
+    try:
+        assert wait_for(lambda: _linked(svc, chan.name), 180), svc.log_text()
+        g = guests["channel"]
+        # Busy vCPUs and RT tasks on both of them: the agent asks FIFO on every vCPU.
+        for cpu in (0, 1):
+            g.tasks.append(chan.spawn(["taskset", "-c", str(cpu), "chrt", "-f", "40",
+                                       "sh", "-c", "while :; do :; done"]))
+        deadline = time.monotonic() + 60
+        most = 0
+        spent = False
+        while time.monotonic() < deadline and not spent:
+            states = [policy(t) for d in doms.values() for t in _threads(d)]
+            rt = [s for s in states if s[0] == os.SCHED_FIFO]
+            most = max(most, len(rt))
+            assert all(p <= 10 for _, p in rt), states  # clamped to max_rt_priority
+            vm = svc.vm(chan.name) or {}
+            spent = any(v.get("budget_exhaustions", 0) for v in vm.get("vcpus", []))
+            time.sleep(0.05)
+        # per VM one vCPU (+ its emulator thread); the other VM has no RT work now.
+        assert most <= 2, most
+        assert spent, svc.log_text()[-3000:]
+    finally:
+        g.kill_tasks()
+        assert svc.stop() == 0
+    assert _all_original(world)
