@@ -299,7 +299,8 @@ class GuestVM:
         if self.config.hints_port:
             opts += [
                 "-chardev", f"socket,id=gahints,path={self.hints_sock},server=on,wait=off",
-                "-device", f"virtserialport,bus=gaserial.0,chardev=gahints,name={HINTS_PORT}",
+                "-device", ("virtserialport,bus=gaserial.0,chardev=gahints,id=gahintsport,"
+                            f"name={HINTS_PORT}"),
             ]
         if self.shm_path:
             opts += [

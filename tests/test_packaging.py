@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from guestagent import __version__
+from testbed.debs import copy_tree
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGING = ROOT / "packaging"
@@ -48,18 +49,6 @@ def run(cmd: list[str], cwd: Path | None = None, timeout: int = 300,
         pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}:\n"
                     f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
-
-
-def copy_tree(dest: Path) -> Path:
-    """The project's files as a clean clone has them, plus uncommitted work."""
-    listed = subprocess.run(["git", "ls-files", "-z", "-c", "-o", "--exclude-standard"],
-                            cwd=ROOT, capture_output=True, check=True).stdout
-    for name in filter(None, listed.decode().split("\0")):
-        src = ROOT / name
-        if src.is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name)
-    return dest
 
 
 def readme_recipe(tool: str) -> str:

@@ -1,0 +1,159 @@
+"""Boot a built Debian image (testbed/image.py) with systemd as PID 1 under QEMU.
+
+Unlike ``GuestVM``, which shares the host's root through virtme-ng and runs one
+command as init, ``SystemdGuest`` boots the image's own systemd from a virtio
+disk, so units, udev rules, journald and cloud-init run as they do for users.
+The devices are GuestVM's (hints port, ivshmem region, two QMP sockets, the
+command-server port); the command server is the image's baked-in
+``guestagent-testbed-ctl.service``. The root disk is a QEMU snapshot overlay
+(``snapshot=on``): the cached image is never written, and the overlay is
+thrown away when QEMU exits.
+
+The serial console goes to ``workdir/serial.log`` (``console_tail`` shows it).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from testbed.image import GuestImage, Kernel
+from testbed.vm import HINTS_PORT, GuestConfig, GuestVM, VMError, use_kvm
+
+HINTS_DEVICE_ID = "gahintsport"
+# A TCG boot with cloud-init installing takes minutes on a busy machine.
+SYSTEMD_GUEST = GuestConfig(boot_timeout=900.0)
+HINTS_CHARDEV_ID = "gahints"
+
+
+@dataclass(frozen=True)
+class Disk:
+    """An extra virtio disk; ``serial`` names it under /dev/disk/by-id/virtio-<serial>."""
+
+    path: Path
+    serial: str
+    readonly: bool = False
+    snapshot: bool = False  # writes go to a throwaway overlay
+    queues: int = 0  # virtio-blk num-queues; 0: QEMU's default
+
+
+def missing_components() -> list[str]:
+    return [] if shutil.which("qemu-system-x86_64") else [
+        "qemu-system-x86_64 (Debian package qemu-system-x86)"]
+
+
+class SystemdGuest(GuestVM):
+    """A running systemd guest; use as a context manager."""
+
+    def __init__(self, image: GuestImage, kernel: Kernel, workdir: os.PathLike,
+                 config: GuestConfig = SYSTEMD_GUEST,
+                 disks: tuple[Disk, ...] = (), cmdline: str = "") -> None:
+        super().__init__(workdir, config)
+        self.image = image
+        self.kernel = kernel
+        self.disks = disks
+        self.cmdline = cmdline
+        self.serial_log = self.workdir / "serial.log"
+        self.boot_seconds: float | None = None  # QEMU start to `is-system-running` done
+
+    def command(self) -> list[str]:
+        missing = missing_components()
+        if missing:
+            raise VMError("cannot boot a guest: missing " + "; ".join(missing))
+        cmdline = ("root=/dev/vda rw console=ttyS0,115200 panic=-1 "
+                   "systemd.show_status=1 " + self.cmdline).strip()
+        cmd = ["qemu-system-x86_64", "-nodefaults", "-display", "none", "-no-reboot",
+               "-machine", "pc", "-smp", str(self.config.cpus), "-m", self.config.memory,
+               "-accel", "kvm" if use_kvm() else "tcg",
+               "-kernel", str(self.kernel.vmlinuz), "-initrd", str(self.kernel.initrd),
+               "-append", cmdline,
+               "-serial", f"file:{self.serial_log}",
+               "-drive", f"file={self.image.root},if=none,id=garoot,format=raw,snapshot=on",
+               "-device", "virtio-blk-pci,drive=garoot,serial=garoot"]
+        for i, disk in enumerate(self.disks):
+            opts = f"file={disk.path},if=none,id=gadisk{i},format=raw"
+            opts += ",readonly=on" if disk.readonly else ""
+            opts += ",snapshot=on" if disk.snapshot else ""
+            dev = f"virtio-blk-pci,drive=gadisk{i},serial={disk.serial}"
+            dev += f",num-queues={disk.queues}" if disk.queues else ""
+            cmd += ["-drive", opts, "-device", dev]
+        return cmd + self.qemu_opts()
+
+    def _find_qemu_pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid  # QEMU itself, no launcher in between
+
+    def boot(self) -> None:
+        started = time.monotonic()
+        super().boot()
+        # The command server starts early in multi-user.target; the rest of boot,
+        # cloud-init's final stage included, is done when this returns.
+        left = max(30.0, self.config.boot_timeout - (time.monotonic() - started))
+        state = self.run(["systemctl", "is-system-running", "--wait"], timeout=left)
+        if state.stdout.strip() not in ("running", "degraded"):
+            raise VMError(f"boot did not finish: {state.stdout.strip()}{self.console_tail()}")
+        self.boot_seconds = time.monotonic() - started
+
+    def close(self) -> None:
+        # The command server's `exit` would only restart the service: stop QEMU instead.
+        if self._qmp is not None and self.alive():
+            try:
+                self._qmp.execute("quit", timeout=5)
+            except (VMError, OSError):
+                pass
+        self._ready = False
+        super().close()
+
+    # -- acting in the guest
+
+    def sh(self, script: str, timeout: float = 120.0, check: bool = True) -> str:
+        """Run a shell script as root in the guest; its stdout. check: fail on rc != 0."""
+        result = self.run(["sh", "-c", script], timeout=timeout)
+        if check and result.rc != 0:
+            raise VMError(f"guest: {script!r} exited {result.rc}:\n{result.stdout[-2000:]}"
+                          f"\n{result.stderr[-2000:]}")
+        return result.stdout
+
+    def wait_until(self, script: str, timeout: float, step: float = 1.0) -> str:
+        """Run ``script`` until it exits 0; its stdout. Raises with the last output."""
+        deadline = time.monotonic() + timeout
+        while True:
+            result = self.run(["sh", "-c", script], timeout=max(30.0, timeout))
+            if result.rc == 0:
+                return result.stdout
+            if time.monotonic() > deadline:
+                raise VMError(f"guest: {script!r} still exits {result.rc} after {timeout:.0f} s:"
+                              f"\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+            time.sleep(step)
+
+    # -- hot-plugging the hints port
+
+    def add_hints_port(self) -> None:
+        """QMP chardev-add + device_add virtserialport, as a host that offers it later."""
+        self.qmp.execute("chardev-add", {"id": HINTS_CHARDEV_ID, "backend": {
+            "type": "socket", "data": {
+                "addr": {"type": "unix", "data": {"path": self.hints_sock}},
+                "server": True, "wait": False}}})
+        self.qmp.execute("device_add", {"driver": "virtserialport", "bus": "gaserial.0",
+                                        "chardev": HINTS_CHARDEV_ID, "name": HINTS_PORT,
+                                        "id": HINTS_DEVICE_ID})
+
+    def remove_hints_port(self, device_id: str = HINTS_DEVICE_ID) -> None:
+        self.qmp.execute("device_del", {"id": device_id})
+        self.wait_until(f"! test -e /dev/virtio-ports/{HINTS_PORT}", timeout=60)
+        self.qmp.execute("chardev-remove", {"id": HINTS_CHARDEV_ID})
+
+    # -- diagnosis
+
+    def console_text(self) -> str:
+        parts = []
+        for path in (self.serial_log, self.console_log):
+            try:
+                parts.append(path.read_text(errors="replace"))
+            except OSError:
+                pass
+        return "\n".join(parts)
+
