@@ -21,7 +21,15 @@ from testbed.systemd_vm import SystemdGuest, missing_components
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+OPT_IN = "GUESTAGENT_IMAGE_TESTS"
+
+
 def require_tools() -> None:
+    # Opt-in until the suite fits CI's time: a cold image build takes about 6 minutes and
+    # the three TCG boots (stock, PREEMPT_RT, vendor-data) about 16 more on these machines.
+    if os.environ.get(OPT_IN) != "1":
+        pytest.skip(f"guest image tests are opt-in: set {OPT_IN}=1 (a cold build and three "
+                    "TCG boots take over 20 minutes here)")
     missing = img.missing_tools() + missing_components()
     if missing:
         pytest.skip("guest image tests need " + "; ".join(missing))

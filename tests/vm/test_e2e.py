@@ -144,7 +144,7 @@ log_level = "debug"
 [transport]
 mode = "{transport}"
 [control]
-socket = "/run/guestagent-e2e/{transport}.sock"
+socket = "/run/guestagent-e2e-{transport}.sock"  # /run exists in the guest; a new directory would not
 [policy]
 hold_time_ms = {HOLD_MS}
 [steering]
