@@ -212,7 +212,11 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev 2>/dev/null
 mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
+# The tree may sit under one of the dirs made private below (a clone in /tmp): hold it
+# at /mnt meanwhile and put it back at its own path inside the new tmpfs.
+mount --bind {repo} /mnt
 for d in /run /tmp /var/tmp /dev/shm /root; do mount -t tmpfs tmpfs "$d"; done
+mkdir -p {repo} && mount --move /mnt {repo}
 modprobe virtio_console 2>/dev/null
 modprobe virtio_pci 2>/dev/null
 cd {repo}

@@ -281,11 +281,14 @@ def test_hostile_guest_stays_inside_the_caps_and_budget(world):
     try:
         assert wait_for(lambda: _linked(svc, chan.name), 180), svc.log_text()
         g = guests["channel"]
-        # Busy vCPUs and RT tasks on both of them: the agent asks FIFO on every vCPU.
+        # Busy vCPUs and RT tasks on both of them: the agent asks FIFO on every vCPU. The
+        # tasks pause for a moment now and then: spinning for good they would starve the
+        # guest's own agent (SCHED_OTHER), whose heartbeat keeps the lease.
+        busy = "while :; do i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; sleep 0.02; done"
         for cpu in (0, 1):
             g.tasks.append(chan.spawn(["taskset", "-c", str(cpu), "chrt", "-f", "40",
-                                       "sh", "-c", "while :; do :; done"]))
-        deadline = time.monotonic() + 60
+                                       "sh", "-c", busy]))
+        deadline = time.monotonic() + 180
         most = 0
         spent = False
         while time.monotonic() < deadline and not spent:
