@@ -1,0 +1,123 @@
+"""Mode "guestagent": the only code that knows how to run the guest agent and the host
+service beside the latency guest."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Callable
+
+from testbed.vm import GuestVM
+
+AGENT_START_TIMEOUT = 120.0  # Python starting in a TCG guest on a busy machine is slow
+
+
+class ServiceError(Exception):
+    """The agent or the host service did not come up."""
+
+
+@dataclass(frozen=True)
+class ServiceMode:
+    title: str  # for the record of a run
+    argv: Callable[[GuestVM, str], list[str]]  # (the guest, the status socket) -> command
+
+
+def _run_argv(vm: GuestVM, status_socket: str) -> list[str]:
+    return [sys.executable, "-m", "guestagent.host.cli", "run", "--qmp", vm.peer_qmp_sock,
+            "--channel", vm.hints_sock, "--status-socket", status_socket]
+
+
+RUN_ONE_VM = ServiceMode("`guestagent-host run`, default limits: one VM, vCPU threads only",
+                         _run_argv)
+HOST_SERVICE = RUN_ONE_VM  # how the host side is started; the one line to change
+
+
+def service_unavailable() -> str | None:
+    """Why mode "guestagent" cannot run here, or None."""
+    checks = {
+        "guestagent run": [sys.executable, "-m", "guestagent", "run", "--help"],
+        "guestagent-host": [sys.executable, "-m", "guestagent.host.cli", "--help"],
+    }
+    for name, argv in checks.items():
+        proc = subprocess.run(argv, capture_output=True, text=True)
+        if proc.returncode != 0:
+            why = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+            return f"`{name}` is not available ({why})"
+    return None
+
+
+def _status(status_socket: str) -> dict | None:
+    from guestagent.errors import GuestagentError
+    from guestagent.host.status import fetch
+
+    try:
+        return fetch(status_socket)
+    except (GuestagentError, OSError, ValueError):
+        return None
+
+
+def link_up(status_socket: str) -> bool:
+    """The host side has negotiated with a running guest agent."""
+    doc = _status(status_socket)
+    return bool(doc) and doc.get("link_state") == "up" and doc.get("guest_state") == "RUNNING"
+
+
+def applied_summary(status_socket: str) -> str:
+    """What the host side applied to each vCPU thread, one line, to read the figures by."""
+    doc = _status(status_socket)
+    if doc is None:
+        return "host service status unavailable"
+    return "; ".join(f"vCPU {v['vcpu']}: {','.join(v['applied']) or 'nothing'} ({v['policy']})"
+                     for v in doc.get("vcpus", []))
+
+
+AGENT_CONFIG = (
+    "[agent]\n"
+    # Heartbeats twice a second keep the host's 1.5 s lease safe from TCG timer jitter.
+    "heartbeat_interval_ms = 500\n"
+    "[transport]\n"
+    'mode = "channel"\n'
+    "[control]\n"
+    # In the guest's own /run: the workdir is a 9p share.
+    'socket = "/run/guestagent-bench/control.sock"\n'
+)
+
+
+@contextlib.contextmanager
+def guestagent_running(vm: GuestVM, tag: str, log) -> Iterator[None]:
+    """`guestagent run` in the guest over the hints port, the host service beside QEMU;
+    returns once they have negotiated."""
+    config = vm.workdir / "guestagent.toml"
+    config.write_text(AGENT_CONFIG)
+    status_socket = str(vm.workdir / f"service-{tag}.status")
+    service_log = open(vm.workdir / f"service-{tag}.log", "wb")
+    service = subprocess.Popen(HOST_SERVICE.argv(vm, status_socket),
+                               stdout=service_log, stderr=subprocess.STDOUT)
+    agent = vm.spawn([sys.executable, "-m", "guestagent", "run", "--config", str(config)])
+    try:
+        deadline = time.monotonic() + AGENT_START_TIMEOUT
+        while not link_up(status_socket):
+            for name, dead in (("host service", service.poll() is not None),
+                               ("agent", vm.wait(agent, timeout=0).rc is not None)):
+                if dead:
+                    raise ServiceError(f"the {name} exited at start; see {vm.workdir}")
+            if time.monotonic() > deadline:
+                raise ServiceError(f"agent and host service not linked after "
+                                   f"{AGENT_START_TIMEOUT:.0f} s; see {service_log.name}")
+            time.sleep(0.2)
+        yield
+        log(f"guestagent {tag}: at the end, {applied_summary(status_socket)}")
+    finally:
+        vm.signal(agent, 15)
+        vm.wait(agent, timeout=10)
+        service.terminate()  # the host side restores every thread it changed on SIGTERM
+        try:
+            service.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            service.kill()
+            service.wait()
+        service_log.close()
