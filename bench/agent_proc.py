@@ -24,7 +24,7 @@ from dataclasses import dataclass
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from guestagent.control import call  # noqa: E402
+from guestagent.agent.control import call  # noqa: E402
 from guestagent.errors import GuestagentError  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

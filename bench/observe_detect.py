@@ -1,7 +1,7 @@
 """Detection latency: a new thread sets SCHED_FIFO right after it starts; how long
 until the observer's thread table shows it as FIFO? And what the watching costs.
 
-The observer runs as the daemon drives it (guestagent/daemon.py): an event
+The observer runs as the daemon drives it (guestagent/agent/daemon.py): an event
 loop polls its fds (proc connector), sweeps with snapshot(full=False) spaced so
 that sweeping costs at most --budget % of one CPU (never more often than
 --floor-ms), takes a full snapshot at most once a second, and calls
@@ -81,7 +81,7 @@ class Run:
 
 
 class AgentLoop:
-    """The daemon's observing loop (guestagent/daemon.py Agent._loop), without the rest."""
+    """The daemon's observing loop (guestagent/agent/daemon.py Agent._loop), without the rest."""
 
     def __init__(self, obs: Observer, budget: float, floor: float, run: Run,
                  extra_fd: int) -> None:

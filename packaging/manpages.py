@@ -6,7 +6,7 @@ list exactly the subcommands, options and configuration keys of the build:
     python3 packaging/manpages.py OUTDIR
 
 The pages come from the argparse parsers (every subcommand, nested ones too,
-and every option) and from guestagent.config.SCHEMA. SOURCE_DATE_EPOCH, when
+and every option) and from guestagent.agent.config.SCHEMA. SOURCE_DATE_EPOCH, when
 set, dates the pages so that builds are reproducible.
 """
 
@@ -149,7 +149,7 @@ def command_page(parser: argparse.ArgumentParser, title: str, version: str, date
 
 def key_roff(key: Any) -> list[str]:
     """One configuration key as a tagged paragraph: name, type, default, limits, meaning."""
-    from guestagent.config import toml_value
+    from guestagent.agent.config import toml_value
 
     facts = ["one of " + ", ".join(key.choices)] if key.choices else [key.type]
     if key.minimum is not None or key.maximum is not None:
@@ -168,7 +168,7 @@ def fmt_num(x: object) -> str:
 
 def config_page(version: str, date: str) -> str:
     """guestagent.toml(5): every section and key of the schema, and the rule tables."""
-    from guestagent import config
+    from guestagent.agent import config
 
     out = page_header("guestagent.toml", 5, "guestagent configuration file", version, date)
     out += [

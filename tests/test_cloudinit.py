@@ -15,8 +15,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from guestagent.agent.config import parse_config, render_default_toml
 from guestagent.cli.cloudinit import user_data, yaml_text
-from guestagent.config import parse_config, render_default_toml
 
 ROOT = Path(__file__).resolve().parent.parent
 CLOUD_INIT = ROOT / "cloud-init"

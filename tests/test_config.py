@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from guestagent.config import (
+from guestagent.agent.config import (
     SCHEMA,
     default_config,
     load_config,

@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from guestagent.control import MAX_REQUEST, ControlServer, call
+from guestagent.agent.control import MAX_REQUEST, ControlServer, call
 from guestagent.errors import GuestagentError
 
 
@@ -76,7 +76,7 @@ def test_a_client_that_never_sends_does_not_wedge_the_server(server):
 def test_other_users_are_refused_by_credentials(server):
     srv, _ = server
     os.chmod(srv.path, 0o666)  # open the file so the credential check is what refuses
-    code = ("import sys; from guestagent.control import call\n"
+    code = ("import sys; from guestagent.agent.control import call\n"
             "try:\n    call(sys.argv[1], 'status')\n"
             "except Exception as e:\n    print(e); sys.exit(3)\n")
     proc = subprocess.run(

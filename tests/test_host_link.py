@@ -15,19 +15,14 @@ import sys
 import time
 
 import pytest
-from test_host_standin import Standin, policy, pump, seconds_until_reverted, ticking
+from helpers.standin import policy, pump, seconds_until_reverted, ticking
 
 from guestagent.protocol.model import AppliedFlag, PeerState, Request, SchedClass, VcpuHint
 from guestagent.transport import ChannelGuestLink
 
+pytestmark = pytest.mark.root
+
 PERIOD = 0.2  # a short heartbeat period keeps the lease test fast
-
-
-@pytest.fixture
-def standin(tmp_path):
-    s = Standin(str(tmp_path / "qmp.sock"), 2)
-    yield s
-    s.stop()
 
 
 def test_guest_hints_over_channel_boost_then_revert_when_guest_goes_quiet(standin, tmp_path):

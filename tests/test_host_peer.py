@@ -14,10 +14,9 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 
 import pytest
-from test_host_standin import Standin
+from helpers.scripted import LIMITS, ScriptedLink, fifo
 
 from guestagent.host.applier import ThreadApplier, read_settings
 from guestagent.host.config import HostLimits
@@ -32,57 +31,7 @@ from guestagent.protocol.model import (
     VcpuHint,
 )
 
-LIMITS = HostLimits(max_rt_priority=40, max_boosted=1, heartbeat_period=0.2,
-                    lease_periods=1.5, min_change_interval=0.0, capacity_period=0.1)
-
-
-@dataclass
-class View:
-    guest_state: PeerState = PeerState.ABSENT
-    generation: int = 0
-    hints: tuple = ()
-    last_heard: float | None = None
-
-
-@dataclass
-class ScriptedLink:
-    kind: str = "scripted"
-    state: View = field(default_factory=View)
-    published: list = field(default_factory=list)
-    fail: bool = False
-
-    def fileno(self):
-        return None
-
-    def on_readable(self, now):
-        pass
-
-    def publish_capacity(self, caps, now):
-        if self.fail:
-            raise ValueError("hostile bytes made the link choke")
-        self.published.append(tuple(caps))
-
-    def tick(self, now):
-        return None
-
-    def view(self):
-        if self.fail:
-            raise ValueError("hostile bytes made the link choke")
-        return self.state
-
-    def close(self):
-        pass
-
-    def guest(self, *hints, now, generation=1, state=PeerState.RUNNING):
-        self.state = View(state, generation, tuple(hints), now)
-
-
-@pytest.fixture
-def standin(tmp_path):
-    s = Standin(str(tmp_path / "qmp.sock"), 2)
-    yield s
-    s.stop()
-
+pytestmark = pytest.mark.root
 
 @pytest.fixture
 def peer(standin):
@@ -98,9 +47,6 @@ def kernel(tid):
     return (os.sched_getscheduler(tid), os.sched_getparam(tid).sched_priority,
             os.getpriority(os.PRIO_PROCESS, tid), os.sched_getaffinity(tid))
 
-
-def fifo(vcpu, prio, group=0):
-    return VcpuHint(vcpu, Request.BOOST, SchedClass.FIFO, rt_priority=prio, group=group)
 
 
 def test_boost_clamp_and_unboost_reach_the_kernel(peer, standin):
@@ -248,7 +194,7 @@ def test_cli_run_status_and_sigterm(standin, tmp_path):
 PEER_SCRIPT = """
 import sys, time
 sys.path.insert(0, {tests!r})
-from test_host_peer import LIMITS, ScriptedLink, fifo
+from helpers.scripted import LIMITS, ScriptedLink, fifo
 from guestagent.host.applier import ThreadApplier
 from guestagent.host.discovery import discover
 from guestagent.host.peer import HostPeer

@@ -7,76 +7,18 @@ runs as a subprocess, as in production. Mirrors test_host_link.py (the channel).
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import subprocess
-import sys
 import time
 
 import pytest
-from test_host_standin import Standin, policy, pump, seconds_until_reverted, ticking
+from helpers.hostregion import PERIOD, start_peer, status_of, stop, zeroed_region
+from helpers.standin import policy, pump, seconds_until_reverted, ticking
+from helpers.waiting import wait_for
 
 from guestagent.protocol.model import AppliedFlag, PeerState, Request, SchedClass, VcpuHint
 from guestagent.transport import RegionGuestLink
 
-PERIOD = 0.2  # a short heartbeat period keeps the lease test fast
-REGION_SIZE = 64 << 10  # QEMU sizes the backing file once, whatever the guest's layout
-
-
-@pytest.fixture
-def standin(tmp_path):
-    s = Standin(str(tmp_path / "qmp.sock"), 2)
-    yield s
-    s.stop()
-
-
-def start_peer(standin, tmp_path, region):
-    status, state = str(tmp_path / "status.sock"), str(tmp_path / "state")
-    cfg = tmp_path / "host.toml"
-    cfg.write_text(f"heartbeat_period = {PERIOD}\nmax_rt_priority = 40\n"
-                   "min_change_interval = 0\ncapacity_period = 0.2\n")
-    peer = subprocess.Popen(
-        [sys.executable, "-m", "guestagent.host.cli", "run", "--qmp", standin.qmp,
-         "--region", region, "--config", str(cfg), "--status-socket", status,
-         "--state-dir", state],
-        stderr=subprocess.PIPE, text=True)
-    return peer, status
-
-
-def status_of(path):
-    for _ in range(100):
-        proc = subprocess.run([sys.executable, "-m", "guestagent.host.cli", "status", "--json",
-                               "--status-socket", path], capture_output=True, text=True,
-                              timeout=30)
-        if proc.returncode == 0:
-            return json.loads(proc.stdout)
-        time.sleep(0.05)  # the peer has not bound its status socket yet
-    raise AssertionError(proc.stderr)
-
-
-def wait_for(cond, seconds):
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return cond()
-
-
-def zeroed_region(path):
-    with open(path, "wb") as f:
-        f.truncate(REGION_SIZE)
-
-
-def stop(peer):
-    peer.send_signal(signal.SIGTERM)
-    try:
-        rc = peer.wait(10)
-    finally:
-        peer.kill()
-    return rc, peer.stderr.read()
-
+pytestmark = pytest.mark.root
 
 def test_region_appears_late_then_boost_ack_capacity_and_revert(standin, tmp_path):
     region = str(tmp_path / "guestagent-vm1")

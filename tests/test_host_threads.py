@@ -14,7 +14,7 @@ import threading
 import time
 
 import pytest
-from test_host_standin import Standin
+from helpers.standin import Standin
 
 from guestagent.errors import GuestagentError
 from guestagent.host.applier import ThreadApplier, read_settings
@@ -31,12 +31,7 @@ from guestagent.host.settings import ThreadSettings
 from guestagent.observe.parse import CpuTimes, ParseError, parse_proc_stat_times
 from guestagent.protocol.model import AppliedFlag
 
-
-@pytest.fixture
-def standin(tmp_path):
-    s = Standin(str(tmp_path / "qmp.sock"), 2)
-    yield s
-    s.stop()
+pytestmark = pytest.mark.root
 
 
 def test_discover_via_qmp_uses_thread_ids_and_peer_pid(standin):

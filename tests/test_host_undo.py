@@ -16,8 +16,9 @@ import threading
 import time
 
 import pytest
-from test_host_region import PERIOD, RegionGuestLink, start_peer, wait_for, zeroed_region
-from test_host_standin import Standin, policy, pump, ticking
+from helpers.hostregion import PERIOD, start_peer, zeroed_region
+from helpers.standin import policy, pump, ticking
+from helpers.waiting import wait_for
 
 from guestagent.host.applier import ThreadApplier, read_settings
 from guestagent.host.discovery import discover, thread_start_time
@@ -36,15 +37,11 @@ from guestagent.host.undo import (
     judge_thread,
 )
 from guestagent.protocol.model import PeerState, Request, SchedClass, VcpuHint
+from guestagent.transport import RegionGuestLink
+
+pytestmark = pytest.mark.root
 
 FIFO40 = (os.SCHED_FIFO, 40)
-
-
-@pytest.fixture
-def standin(tmp_path):
-    s = Standin(str(tmp_path / "qmp.sock"), 2)
-    yield s
-    s.stop()
 
 
 def kernel(tid):

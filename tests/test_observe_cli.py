@@ -9,7 +9,9 @@ import sys
 import textwrap
 
 import pytest
-from test_observe_live import sched_thread
+from helpers.threads import sched_thread
+
+pytestmark = pytest.mark.root
 
 TREES = os.path.join(os.path.dirname(__file__), "data", "trees")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

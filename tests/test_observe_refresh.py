@@ -8,9 +8,11 @@ import threading
 import time
 
 import pytest
-from test_schedwatch import Sleeper, tracefs  # noqa: F401 (fixture)
+from helpers.threads import Sleeper
 
 from guestagent.observe import Observer
+
+pytestmark = pytest.mark.root
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
-from test_observe_live import SchedThread, sched_thread
+from helpers.threads import SchedThread, sched_thread
 
 from guestagent.observe import Observer
 from guestagent.observe.irqs import IrqInfo, with_irq_threads
@@ -20,8 +20,7 @@ from guestagent.observe.threads import NICE_ROTATION, ThreadInfo, ThreadTable
 from guestagent.observe.young import YoungThreads
 from guestagent.protocol.model import SchedClass
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0,
-                                reason="needs root: sets real-time policies on real threads")
+pytestmark = pytest.mark.root
 
 
 def find(threads, tid):

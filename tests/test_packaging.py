@@ -182,7 +182,7 @@ def test_installed_agent_has_the_units_execstart(installed):
 
 
 def test_installed_conffile_is_the_schema_default(installed):
-    from guestagent.config import render_default_toml
+    from guestagent.agent.config import render_default_toml
 
     shipped = installed.run("cat", "/etc/guestagent/guestagent.toml").stdout
     assert shipped == render_default_toml()

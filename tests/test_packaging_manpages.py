@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from guestagent import config
+from guestagent.agent import config
 from guestagent.cli import build_parser
 from guestagent.host.cli import build_parser as build_host_parser
 

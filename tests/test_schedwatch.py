@@ -4,21 +4,15 @@ from __future__ import annotations
 
 import os
 import select
-import subprocess
 import threading
 import time
 
 import pytest
+from helpers.threads import Sleeper
 
-from guestagent.observe.schedwatch import TRACEFS, SchedWatch
+from guestagent.observe.schedwatch import SchedWatch
 
-
-@pytest.fixture(scope="module")
-def tracefs():
-    """systemd mounts tracefs at boot; where init did not (this CI machine), mount it."""
-    if not any(os.path.exists(f"{root}/events") for root in TRACEFS):
-        subprocess.run(["mount", "-t", "tracefs", "nodev", TRACEFS[0]], check=True)
-    return TRACEFS[0]
+pytestmark = pytest.mark.root
 
 
 @pytest.fixture
@@ -27,20 +21,6 @@ def watch(tracefs):
     w.read()
     yield w
     w.close()
-
-
-class Sleeper:
-    """A thread that waits, for other threads to change."""
-
-    def __init__(self) -> None:
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.stop.wait, daemon=True)
-        self.thread.start()
-        self.tid = self.thread.native_id
-
-    def end(self) -> None:
-        self.stop.set()
-        self.thread.join()
 
 
 def changes_after(w: SchedWatch, action, timeout: float = 2.0):

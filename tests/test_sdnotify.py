@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
-from guestagent.sdnotify import Notifier
+from guestagent.linux.sdnotify import Notifier
 
 
 def test_messages_reach_the_notify_socket(tmp_path):

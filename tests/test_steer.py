@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from test_policy import cpus, snap, thread
+from helpers.snapshots import cpus, snap, thread
 
-from guestagent.config import parse_config
-from guestagent.steer import SteerState, capacity_from_steal, plan, restores
+from guestagent.agent.config import parse_config
+from guestagent.agent.steer import SteerState, capacity_from_steal, plan, restores
 
 STEER = parse_config(b"[steering]\nenabled=true\nhysteresis=100\nmin_dwell_ms=5000\n"
                      b"[[rule]]\nname='audio'\ncomm='pw-*'\nsteer=true\n"

@@ -9,7 +9,7 @@ import os
 import sys
 import time
 
-from guestagent.config import DEFAULT_PATH, default_config, load_config, render_config
+from guestagent.agent.config import DEFAULT_PATH, default_config, load_config, render_config
 from guestagent.errors import GuestagentError
 
 SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
@@ -45,7 +45,7 @@ def _config(args: argparse.Namespace):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from guestagent.daemon import Agent
+    from guestagent.agent.daemon import Agent
 
     config, path = _config(args)
     setup_logging(args.log_level or config.agent["log_level"])
@@ -63,7 +63,7 @@ def _socket(args: argparse.Namespace) -> str:
 
 
 def _ask(args: argparse.Namespace, cmd: str) -> dict:
-    from guestagent.control import call
+    from guestagent.agent.control import call
 
     return call(_socket(args), cmd)
 
@@ -77,7 +77,7 @@ def _print(data: dict, as_json: bool, render) -> None:
 
 
 def status_text(data: dict) -> str:
-    from guestagent.report import table
+    from guestagent.agent.report import table
 
     t = data["transport"]
     heard = t.get("host_heard_s")
@@ -113,10 +113,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def hints_once(config) -> dict:
     """Hints computed from the live system, for when no agent runs."""
-    from guestagent.daemon import interest_for
+    from guestagent.agent.daemon import interest_for
+    from guestagent.agent.policy import PolicyState, decide
+    from guestagent.agent.report import hints_json
     from guestagent.observe import Observer
-    from guestagent.policy import PolicyState, decide
-    from guestagent.report import hints_json
 
     with Observer(interest=interest_for(config), watch=False) as observer:
         observer.snapshot(time.monotonic())
@@ -128,7 +128,7 @@ def hints_once(config) -> dict:
 
 
 def cmd_hints(args: argparse.Namespace) -> int:
-    from guestagent.report import hints_table
+    from guestagent.agent.report import hints_table
 
     try:
         data = _ask(args, "hints")
@@ -144,14 +144,14 @@ def cmd_hints(args: argparse.Namespace) -> int:
 
 
 def cmd_capacity(args: argparse.Namespace) -> int:
-    from guestagent.report import capacity_table
+    from guestagent.agent.report import capacity_table
 
     _print(_ask(args, "capacity"), args.json, capacity_table)
     return 0
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    from guestagent.report import capacity_table, hints_table
+    from guestagent.agent.report import capacity_table, hints_table
 
     shown = 0
     while args.count is None or shown < args.count:

@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from guestagent.config import DEFAULT_PATH
+    from guestagent.agent.config import DEFAULT_PATH
 
     path = args.config or DEFAULT_PATH
     text = read_config_text(path, missing_ok=args.config is None)
@@ -46,7 +46,7 @@ def read_config_text(path: str, missing_ok: bool) -> str:
     An absent default file means the agent runs on defaults, so the shipped
     commented default file stands in for it.
     """
-    from guestagent.config import load_config, render_default_toml
+    from guestagent.agent.config import load_config, render_default_toml
 
     if missing_ok and not os.path.lexists(path):
         return render_default_toml()

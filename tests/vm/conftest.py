@@ -5,15 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from helpers.vm import require_vm
 
-from testbed.vm import GuestConfig, GuestVM, missing_components
-
-
-def require_vm() -> None:
-    """Skip, naming exactly what is missing, where a guest cannot boot on this machine."""
-    missing = missing_components()
-    if missing:
-        pytest.skip("VM tests need " + "; ".join(missing))
+from testbed.vm import GuestConfig, GuestVM
 
 
 @pytest.fixture(scope="module")

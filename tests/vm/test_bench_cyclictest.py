@@ -10,11 +10,11 @@ from __future__ import annotations
 import re
 
 import pytest
+from helpers.vm import require_vm
 
 from bench.vm_latency.run import main
-from tests.vm.conftest import require_vm
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.root]
 
 
 def _rt_shares(out: str, mode: str) -> dict[str, int]:

@@ -28,7 +28,7 @@ import pytest
 
 from testbed.vm import HINTS_PORT, GuestVM, SchedState, VMError, sched_state
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.root]
 
 AGENT_HEARTBEAT_MS = 200
 # The peer expects a heartbeat every PEER_PERIOD and keeps a boost LEASE_PERIODS of them

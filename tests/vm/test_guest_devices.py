@@ -15,8 +15,8 @@ import sys
 import uuid
 
 import pytest
+from helpers.vm import require_vm
 
-from .conftest import require_vm
 from testbed.vm import (
     CTL_PORT,
     HINTS_PORT,
@@ -31,7 +31,7 @@ from testbed.vm import (
     vcpu_threads_from_qmp,
 )
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.root]
 
 # Runs in the guest: find the ivshmem device by PCI id through sysfs, as the agent will.
 FIND_IVSHMEM = """

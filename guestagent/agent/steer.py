@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from guestagent.config import Config, Rule, first_rule
+from guestagent.agent.config import Config, Rule, first_rule
 from guestagent.protocol.model import CAPACITY_MAX
 
 

@@ -17,19 +17,20 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 
-from guestagent import __version__, metrics
-from guestagent.config import Config, first_rule, load_config
-from guestagent.control import ControlServer, Peer
+from guestagent import __version__
+from guestagent.agent import metrics
+from guestagent.agent.config import Config, first_rule, load_config
+from guestagent.agent.control import ControlServer, Peer
+from guestagent.agent.policy import Decision, PolicyState, decide
+from guestagent.agent.report import SCHEMA_VERSION, capacity_json, flag_names, hints_json
+from guestagent.agent.steer import SteerState, plan, restores
 from guestagent.errors import GuestagentError
+from guestagent.linux.sdnotify import Notifier
 from guestagent.observe import Observer, Snapshot, ThreadIdentity
 from guestagent.observe.kernel import UeventMonitor
-from guestagent.policy import Decision, PolicyState, decide
 from guestagent.protocol.model import PeerState, neutral_hints
-from guestagent.report import SCHEMA_VERSION, capacity_json, flag_names, hints_json
-from guestagent.sdnotify import Notifier
-from guestagent.steer import SteerState, plan, restores
 from guestagent.transport.link import GuestLink
-from guestagent.uplink import RANK, Choice, available, open_link
+from guestagent.transport.select import RANK, Choice, available, open_link
 
 RELINK_INTERVAL = 10.0  # how often to look for a better transport without a uevent
 STOP_FLUSH = 0.5  # how long a stopping agent keeps trying to deliver its last words

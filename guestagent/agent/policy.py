@@ -16,7 +16,7 @@ import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from guestagent.config import Config, first_rule
+from guestagent.agent.config import Config, first_rule
 from guestagent.protocol.model import (
     RT_PRIORITY_MAX,
     HintFlag,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from guestagent.policy import Decision, VcpuDecision
+from guestagent.agent.policy import Decision, VcpuDecision
 from guestagent.protocol.model import HintFlag, Request, VcpuCapacity, VcpuHint
 
 SCHEMA_VERSION = 1

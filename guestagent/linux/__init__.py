@@ -1,0 +1,1 @@
+"""Linux plumbing shared by the agent and the host service, knowing neither."""
