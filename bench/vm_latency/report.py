@@ -184,6 +184,40 @@ class RunRecord:
     png: str  # path relative to docs/
 
 
+METHOD = """\
+One guest (2 vCPUs, booted once) and five modes that take turns, interleaved, each round
+starting one mode later:
+
+- `idle`: no host load, the least latency this machine gives;
+- `none`: the host load, nothing boosted;
+- `static`: the host load; every vCPU thread and QEMU's main loop SCHED_FIFO 1 for the
+  whole window, as OpenStack Nova (`hw:cpu_realtime`), KubeVirt's realtime mode and
+  libvirt's `<vcpusched>` do it;
+- `guestagent`: the host load; `guestagent run` in the guest, the host service beside
+  QEMU with its default limits;
+- `isolated`: vCPU 1's thread and the main loop alone on the last CPU, the host load and
+  QEMU's other threads on the others: what an isolated CPU gives.
+
+- **Host load**: busy workers pinned to every CPU the vCPU threads run on, more of them
+  than CPUs, each counting the work it does (one unit = 20,000 iterations of an empty
+  Python loop): *work/s* is the host's batch throughput, *load CPUs* the CPU time it got.
+- **Latency guest**: `cyclictest` at FIFO 95 pinned on vCPU 1, 1 ms interval, while a
+  nice-19 busy loop runs on vCPU 0, so hints must boost one vCPU and lower the other.
+- **Host latency work**: two `cyclictest --smp` at the same time, one at FIFO 30 (below
+  the host service's cap, FIFO 40; above static's FIFO 1) and one at SCHED_OTHER.
+- **Figures**: latency percentiles from the rounds' histograms pooled per mode; host
+  throughput as the median round; *time RT* is the share of a mode's measured time each
+  QEMU thread spent at an RT policy, from its policy sampled every 20 ms (the timeline in
+  the plot); the boost delay runs from the guest's command server reporting cyclictest
+  started (host clock) to the host seeing the vCPU thread RT, polled every 1 ms.
+- **Targets**: ratios of this run. Where a target is out of reach on this machine, the
+  line says what the best reference mode gives in guestagent's place (the better of
+  `idle` and `static` for guest latency, `none` for the host's figures); the bound is
+  never changed.
+- A second guest that runs only batch work is not part of the run on a 2-CPU host.
+"""
+
+
 def performance_md(rec: RunRecord) -> str:
     def block(lines: Sequence[str]) -> list[str]:
         return ["```", *lines, "```", ""]
@@ -192,7 +226,7 @@ def performance_md(rec: RunRecord) -> str:
         "# Performance: hints against static real-time and against nothing",
         "",
         "Written by the last full run of `bench/vm_latency`; every full run replaces this",
-        "file (see [testing.md](testing.md) for what the modes and figures mean).",
+        "file and `performance.png` beside it.",
         "",
         f"- command: `{rec.command}`",
         f"- run: {rec.when}, {rec.duration_s / 60:.0f} min",
@@ -211,5 +245,6 @@ def performance_md(rec: RunRecord) -> str:
         out += block(table.splitlines())
     if rec.delays:
         out += ["## How fast a boost arrives", "", *block(rec.delays)]
-    out += ["## Plot", "", f"![latency histograms and thread timeline]({rec.png})", ""]
+    out += ["## Plot", "", f"![latency histograms and thread timeline]({rec.png})", "",
+            "## Method", "", METHOD]
     return "\n".join(out)

@@ -98,6 +98,11 @@ class Bench:
         if len(self.vcpus) < 2:
             raise BenchError(f"expected 2 vCPU threads, found {self.vcpus}")
 
+    def batch_vcpu_lowered(self) -> bool:
+        """The host has applied the agent's first hints: the batch vCPU runs niced."""
+        batch = next(tid for v, tid in self.vcpus.items() if v != GUEST_RT_VCPU)
+        return os.getpriority(os.PRIO_PROCESS, batch) > 0
+
     @contextlib.contextmanager
     def mode(self, mode: str, round_: int) -> Iterator[None]:
         """The host as the mode wants it, for the length of one window."""
@@ -110,7 +115,7 @@ class Bench:
                     self.vm.qemu_pid, [*self.vcpus.values(), self.vm.qemu_pid]))
             elif mode == "guestagent":
                 stack.enter_context(hostservice.guestagent_running(
-                    self.vm, f"{round_}", log))
+                    self.vm, f"{round_}", log, self.batch_vcpu_lowered))
             elif mode == "isolated":
                 cpus = sorted(os.sched_getaffinity(0))
                 stack.enter_context(qemu_threads.pinned(
