@@ -200,9 +200,15 @@ def machine_lines(accel: str, args: argparse.Namespace) -> list[str]:
         model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
                      model)
     load1, load5, _ = os.getloadavg()
+    rt = "unknown"
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/sys/kernel/sched_rt_runtime_us") as f:
+            runtime = int(f.read())
+        with open("/proc/sys/kernel/sched_rt_period_us") as f:
+            rt = "none" if runtime < 0 else f"{runtime / int(f.read()):.0%} of each period"
     return [
         f"host: {os.cpu_count()} CPUs ({model}), Linux {platform.release()}, "
-        f"load average {load1:.2f} / {load5:.2f} at the start",
+        f"load average {load1:.2f} / {load5:.2f} at the start; RT throttling: {rt}",
         f"guest: {first(['qemu-system-x86_64', '--version'])}, accelerator {accel}, "
         f"2 vCPUs, 1 GiB, virtme-ng",
         f"host load: {args.load_per_cpu} busy workers pinned to each of the "
