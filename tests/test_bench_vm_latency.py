@@ -326,3 +326,9 @@ def test_full_run_and_its_estimate() -> None:
     # 100 s boot, 5 windows of 5 s + 20 s overhead each, 5 s after: full = 105 + 15 * 80
     line = full_run_estimate(230.0, 100.0, 125.0, 5, args, 5)
     assert "took 3.8 min" in line and "20 s of overhead" in line and "about 22 min" in line
+
+
+def test_guest_text_is_escaped_for_the_terminal() -> None:
+    from bench.vm_latency.hostservice import printable
+
+    assert printable("ok\x1b[2J\nnext\r") == "ok\\x1b[2J\nnext\\r"

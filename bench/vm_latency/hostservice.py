@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Callable
 
-from testbed.vm import GuestVM
+from testbed.vm import GuestVM, VMError
 
 AGENT_START_TIMEOUT = 120.0  # Python starting in a TCG guest on a busy machine is slow
 SETTLE_TIMEOUT = 60.0
@@ -107,10 +107,12 @@ def guestagent_running(vm: GuestVM, tag: str, log, settled: Callable[[], bool]
             for name, dead in (("host service", service.poll() is not None),
                                ("agent", vm.wait(agent, timeout=0).rc is not None)):
                 if dead:
-                    raise ServiceError(f"the {name} exited at start; see {vm.workdir}")
+                    raise ServiceError(f"the {name} exited at start"
+                                       + _why(vm, agent, service_log.name))
             if time.monotonic() > deadline:
                 raise ServiceError(f"agent and host service not linked after "
-                                   f"{AGENT_START_TIMEOUT:.0f} s; see {service_log.name}")
+                                   f"{AGENT_START_TIMEOUT:.0f} s" + _why(vm, agent,
+                                                                         service_log.name))
             time.sleep(0.2)
         deadline = time.monotonic() + SETTLE_TIMEOUT
         while not settled():
@@ -121,8 +123,7 @@ def guestagent_running(vm: GuestVM, tag: str, log, settled: Callable[[], bool]
         yield
         log(f"guestagent {tag}: at the end, {applied_summary(status_socket)}")
     finally:
-        vm.signal(agent, 15)
-        vm.wait(agent, timeout=10)
+        _stop_agent(vm, agent)
         service.terminate()  # the host side restores every thread it changed on SIGTERM
         try:
             service.wait(timeout=10)
@@ -130,3 +131,34 @@ def guestagent_running(vm: GuestVM, tag: str, log, settled: Callable[[], bool]
             service.kill()
             service.wait()
         service_log.close()
+
+
+def _stop_agent(vm: GuestVM, agent: int) -> None:
+    """SIGTERM, then SIGKILL: the next window's agent needs the hints port, which only one
+    process can hold open."""
+    for signum, wait in ((15, AGENT_START_TIMEOUT / 2), (9, 30.0)):
+        try:
+            vm.signal(agent, signum)
+        except VMError:
+            return  # already reaped
+        if vm.wait(agent, timeout=wait).rc is not None:
+            return
+
+
+def _why(vm: GuestVM, agent: int, service_log: str) -> str:
+    """The agent's and the host service's last words, for a one-line error."""
+    _stop_agent(vm, agent)
+    agent_err = vm.wait(agent, timeout=0).stderr.strip().splitlines()[-3:]
+    try:
+        with open(service_log, errors="replace") as f:
+            service_err = f.read().strip().splitlines()[-3:]
+    except OSError:
+        service_err = []
+    return printable(f"; agent: {' | '.join(agent_err) or 'nothing'}; host service: "
+                      f"{' | '.join(service_err) or 'nothing'}")
+
+
+def printable(text: str) -> str:
+    """Guest text escaped before it reaches a terminal."""
+    return "\n".join("".join(c if c.isprintable() else repr(c)[1:-1] for c in line)
+                     for line in text.split("\n"))

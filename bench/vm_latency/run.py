@@ -54,7 +54,7 @@ from bench.vm_latency.timeline import (  # noqa: E402
     first_boost,
     segments,
 )
-from testbed.vm import GuestConfig, GuestVM, missing_components  # noqa: E402
+from testbed.vm import GuestConfig, GuestVM, VMError, missing_components  # noqa: E402
 
 MODES = report.MODES
 GUEST_PRIORITY = 95
@@ -64,6 +64,7 @@ GUEST_RT_VCPU = 1  # cyclictest's vCPU; the batch loop runs on vCPU 0
 HOST_RT_PRIORITY = 30
 GUEST_BATCH = ("import os\nos.sched_setaffinity(0, {0})\nos.nice(19)\n"
                "while True:\n    pass\n")
+BOOT_TIMEOUT = 300.0
 FULL_RUN = {"seconds": 60, "rounds": 3}
 DOC = REPO_ROOT / "docs" / "performance.md"
 DOC_PNG = REPO_ROOT / "docs" / "performance.png"
@@ -252,8 +253,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     results: list[WindowResult] = []
     windows: list[Window] = []
     cpus = sorted(os.sched_getaffinity(0))
-    # ivshmem is left out so the agent uses the hints port.
-    with GuestVM(config=GuestConfig(ivshmem=False)) as vm, \
+    # ivshmem is left out so the agent uses the hints port; a shared machine boots slowly.
+    with GuestVM(config=GuestConfig(ivshmem=False, boot_timeout=BOOT_TIMEOUT)) as vm, \
             HostLoad(cpus, args.load_per_cpu) as load, \
             qemu_threads.Sampler(vm.qemu_pid) as sampler:
         booted = time.monotonic()
@@ -347,6 +348,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(args, argv)
     except (BenchError, hostservice.ServiceError) as err:
         print(f"vm_latency: error: {err}", file=sys.stderr)
+        return 1
+    except VMError as err:  # its text ends with the guest console's last lines
+        print(f"vm_latency: error: the guest: {hostservice.printable(str(err))}",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
