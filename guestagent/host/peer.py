@@ -1,4 +1,4 @@
-"""The daemon loop: one selector over the link, the status socket and a signal fd.
+"""The daemon loop: the link, the status socket and stop signals, on one event loop.
 
 Each wake-up reads what the guest says, decides (pure), applies the difference,
 and publishes capacity when due. Sleeping until the next deadline (lease
@@ -9,7 +9,6 @@ and a revert no later than the lease end.
 from __future__ import annotations
 
 import os
-import selectors
 import signal
 import socket
 import time
@@ -22,6 +21,7 @@ from guestagent.host.capacity import Sample, capacities, read_sample
 from guestagent.host.config import HostLimits
 from guestagent.host.decide import GuestInput, Plan, decide, initial_plan
 from guestagent.host.status import PeerSnapshot, answer, flag_names, status_document
+from guestagent.linux.loop import Loop
 from guestagent.protocol.model import AppliedFlag, PeerState, VcpuCapacity, VcpuHint
 from guestagent.transport import HostLink
 
@@ -166,57 +166,33 @@ class HostPeer:
 
     def run(self, status: socket.socket | None) -> int:
         """Serve until a stop signal or QEMU exits; restore every thread on the way out."""
-        wake_r, wake_w = socket.socketpair()
-        wake_r.setblocking(False)
-        wake_w.setblocking(False)
         stop: list[int] = []
-
-        def on_signal(signum: int, _frame: object) -> None:
-            stop.append(signum)
-
-        old_handlers = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
-        old_fd = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
-        # poll keeps no kernel-side registrations, so a link fd reused after reconnect is safe.
-        sel = selectors.PollSelector()
-        sel.register(wake_r, selectors.EVENT_READ, "wake")
+        loop = Loop(self.clock)
+        loop.catch(STOP_SIGNALS, stop.append)
         if status is not None:
-            sel.register(status, selectors.EVENT_READ, "status")
-        link_fd: int | None = None
+            loop.watch("status", status.fileno(), lambda _fd: answer(
+                status, status_document(self.snapshot(self.clock()))))
+
+        def on_link(_fd: int) -> None:
+            if self.link is not None:
+                self._link_call("read", lambda: self.link.on_readable(self.clock()))
+
         try:
             while not stop:
                 now = self.clock()
+                # the link reconnects (or drops): follow its fd
                 fd = self._link_call("fileno", self.link.fileno) if self.link else None
-                if fd != link_fd:  # the link reconnected (or dropped): follow its fd
-                    if link_fd is not None:
-                        sel.unregister(link_fd)
-                    if fd is not None:
-                        sel.register(fd, selectors.EVENT_READ, "link")
-                    link_fd = fd
-                deadline = self.step(now)
+                loop.watch("link", fd, on_link)
+                loop.at("step", self.step(now))
                 if not self.qemu_alive():
                     self.log(f"QEMU (pid {self.applier.pid}) exited")
                     break
-                timeout = None if deadline is None else max(0.0, deadline - self.clock())
-                for key, _ in sel.select(timeout):
-                    if key.data == "wake":
-                        try:
-                            wake_r.recv(4096)
-                        except BlockingIOError:
-                            pass
-                    elif key.data == "status":
-                        answer(status, status_document(self.snapshot(self.clock())))
-                    elif key.data == "link" and self.link is not None:
-                        self._link_call("read", lambda: self.link.on_readable(self.clock()))
+                loop.wait()
         finally:
             self.applier.restore_all()
             if self.link is not None:
                 self._link_call("close", self.link.close)
-            sel.close()
-            signal.set_wakeup_fd(old_fd)
-            for s, h in old_handlers.items():
-                signal.signal(s, h)
-            wake_r.close()
-            wake_w.close()
+            loop.close()
         if stop:
             self.log(f"stopping on {signal.Signals(stop[0]).name}; threads restored")
         return 0
