@@ -10,6 +10,8 @@ import argparse
 import os
 import shutil
 import subprocess
+import threading
+import time
 
 import pytest
 
@@ -332,3 +334,81 @@ def test_guest_text_is_escaped_for_the_terminal() -> None:
     from bench.vm_latency.hostservice import printable
 
     assert printable("ok\x1b[2J\nnext\r") == "ok\\x1b[2J\nnext\\r"
+
+
+# --- QEMU's threads, on real threads of this process ---------------------------------------
+
+
+class _Sleeper:
+    """A real thread that sleeps until told to start a child thread or to end."""
+
+    def __init__(self) -> None:
+        self.spawn, self.stop = threading.Event(), threading.Event()
+        self.tid = self.child_tid = 0
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        assert self._ready.wait(10)
+
+    def _run(self) -> None:
+        self.tid = threading.get_native_id()
+        self._ready.set()
+        while not self.stop.wait(0.01):
+            if self.spawn.is_set() and not self.child_tid:
+                started = threading.Event()
+                threading.Thread(target=self._child, args=(started,), daemon=True).start()
+                started.wait(10)
+
+    def _child(self, started: threading.Event) -> None:
+        self.child_tid = threading.get_native_id()
+        started.set()
+        self.stop.wait()
+
+
+@pytest.mark.root
+def test_static_rt_boosts_restores_and_resets_inherited_threads() -> None:
+    from bench.vm_latency.qemu_threads import Sampler, static_rt
+    from bench.vm_latency.timeline import segments as build
+
+    me = os.getpid()
+    t = _Sleeper()
+    try:
+        with Sampler(me) as sampler:
+            with static_rt(me, [t.tid]):
+                assert os.sched_getscheduler(t.tid) == os.SCHED_FIFO
+                assert os.sched_getparam(t.tid).sched_priority == 1
+                t.spawn.set()
+                deadline = time.monotonic() + 10
+                while not t.child_tid and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                assert os.sched_getscheduler(t.child_tid) == os.SCHED_FIFO  # inherited
+                time.sleep(0.2)  # the sampler's period is 20 ms; this is no timing assert
+            assert os.sched_getscheduler(t.tid) == os.SCHED_OTHER
+            assert os.sched_getscheduler(t.child_tid) == os.SCHED_OTHER
+            restored, deadline = time.monotonic(), time.monotonic() + 30
+            while not any(s.tid == t.tid and s.t > restored for s in sampler.snapshot()):
+                assert time.monotonic() < deadline, "no sample after the restore in 30 s"
+                time.sleep(0.01)
+        runs = build(sampler.snapshot(), end=float("inf"))
+        name = next(n for n in runs if n.endswith(f" [{t.tid}]"))
+        assert any(r.boosted and r.label == "fifo 1" for r in runs[name])
+        assert not runs[name][-1].boosted
+    finally:
+        t.stop.set()
+
+
+@pytest.mark.root
+def test_pinned_moves_threads_and_puts_them_back() -> None:
+    from bench.vm_latency.qemu_threads import pinned
+
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs 2 CPUs to pin apart")
+    t = _Sleeper()
+    try:
+        before = os.sched_getaffinity(t.tid)
+        with pinned(os.getpid(), [t.tid], cpus[-1], set(cpus[:-1])):
+            assert os.sched_getaffinity(t.tid) == {cpus[-1]}
+        assert os.sched_getaffinity(t.tid) == before
+    finally:
+        t.stop.set()

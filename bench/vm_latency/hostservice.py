@@ -13,7 +13,8 @@ from typing import Callable
 
 from testbed.vm import GuestVM, VMError
 
-AGENT_START_TIMEOUT = 120.0  # Python starting in a TCG guest on a busy machine is slow
+# Python starting in a TCG guest over 9p takes minutes on a shared 2-CPU machine.
+AGENT_START_TIMEOUT = 300.0
 SETTLE_TIMEOUT = 60.0
 
 
