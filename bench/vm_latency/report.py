@@ -182,6 +182,7 @@ class RunRecord:
     references: Sequence[str]
     delays: Sequence[str]
     png: str  # path relative to docs/
+    full: bool = True  # every mode, the full length and rounds (else recorded with --record)
 
 
 METHOD = """\
@@ -228,6 +229,9 @@ def performance_md(rec: RunRecord) -> str:
         "Written by the last full run of `bench/vm_latency`; every full run replaces this",
         "file and `performance.png` beside it.",
         "",
+        *([] if rec.full else [
+            "**This record is of a short run** (`--record`), not a full one: shorter windows",
+            "or fewer rounds than the defaults, so its figures are noisier.", ""]),
         f"- command: `{rec.command}`",
         f"- run: {rec.when}, {rec.duration_s / 60:.0f} min",
         *[f"- {line}" for line in rec.machine],

@@ -278,10 +278,11 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     targets, references = target_lines(figures), reference_lines(figures)
     delays = report.delay_lines(figures)
     print(f"{accel} guest; {args.rounds} rounds x {args.seconds} s per mode, interleaved")
-    for block in (tables[0], tables[1], "\n".join(delays), "targets (ratios from this run):",
-                  "\n".join(targets), "for reading them:", "\n".join(references)):
-        if block:
-            print(block + ("\n" if not block.endswith(":") else ""))
+    for head, lines in (("", ["\n\n".join(tables)]), ("", delays),
+                        ("targets (ratios from this run):", targets),
+                        ("for reading them:", references)):
+        if lines:
+            print("\n".join(([head] if head else []) + list(lines)) + "\n")
     title = (f"vm_latency: {accel}, {args.rounds} rounds x {args.seconds} s per mode, "
              f"{os.cpu_count()} host CPUs")
     report.write_png(args.png, figures, timeline, windows, title)
@@ -289,14 +290,15 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     total = time.monotonic() - began
     print(full_run_estimate(total, booted - began, measured - booted, len(windows), args,
                             len(MODES)))
-    if args.record or is_full_run(modes, args):
+    full = is_full_run(modes, args)
+    if args.record or full:
         shutil.copyfile(args.png, DOC_PNG)
         command = "python3 -m bench.vm_latency " + shlex.join(argv)
         DOC.write_text(report.performance_md(report.RunRecord(
             command=command.strip(),
             when=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             machine=machine, duration_s=total, tables=tables, targets=targets,
-            references=references, delays=delays, png=DOC_PNG.name)))
+            references=references, delays=delays, png=DOC_PNG.name, full=full)))
         print(f"recorded: {DOC.relative_to(REPO_ROOT)} and {DOC_PNG.relative_to(REPO_ROOT)}")
     else:
         print(f"not recorded in {DOC.relative_to(REPO_ROOT)}: a short run (a full run has "
