@@ -35,6 +35,25 @@ def _run_argv(vm: GuestVM, status_socket: str) -> list[str]:
 
 RUN_ONE_VM = ServiceMode("`guestagent-host run`, default limits: one VM, vCPU threads only",
                          _run_argv)
+
+
+def _serve_argv(vm: GuestVM, status_socket: str) -> list[str]:
+    """The host service for a whole host, confined to this guest: a drop-in names it, and
+    an empty libvirt status directory keeps other people's domains on a shared machine out.
+    Default limits, budgets and emulator policy."""
+    dropins, libvirt = vm.workdir / "vms.d", vm.workdir / "no-libvirt"
+    dropins.mkdir(exist_ok=True)
+    libvirt.mkdir(exist_ok=True)
+    (dropins / "latency.toml").write_text(
+        f'qmp = "{vm.peer_qmp_sock}"\nchannel = "{vm.hints_sock}"\n')
+    config = vm.workdir / "host.toml"
+    config.write_text(f'[host]\ndropin_dir = "{dropins}"\nlibvirt_status_dir = "{libvirt}"\n')
+    return [sys.executable, "-m", "guestagent.host.cli", "serve", "--config", str(config),
+            "--status-socket", status_socket, "--state-dir", str(vm.workdir / "state")]
+
+
+SERVE = ServiceMode("`guestagent-host serve`, default limits, budgets and emulator policy",
+                    _serve_argv)
 HOST_SERVICE = RUN_ONE_VM  # how the host side is started; the one line to change
 
 
@@ -53,13 +72,18 @@ def service_unavailable() -> str | None:
 
 
 def _status(status_socket: str) -> dict | None:
+    """The guest's status document: `run` answers with it, `serve` lists it under "vms"."""
     from guestagent.errors import GuestagentError
     from guestagent.host.status import fetch
 
     try:
-        return fetch(status_socket)
+        doc = fetch(status_socket)
     except (GuestagentError, OSError, ValueError):
         return None
+    if not doc.get("service"):
+        return doc
+    served = [vm for vm in doc.get("vms", []) if vm.get("served")]
+    return served[0] if served else None
 
 
 def link_up(status_socket: str) -> bool:
@@ -73,8 +97,13 @@ def applied_summary(status_socket: str) -> str:
     doc = _status(status_socket)
     if doc is None:
         return "host service status unavailable"
-    return "; ".join(f"vCPU {v['vcpu']}: {','.join(v['applied']) or 'nothing'} ({v['policy']})"
-                     for v in doc.get("vcpus", []))
+    parts = [f"vCPU {v['vcpu']}: {','.join(v['applied']) or 'nothing'} ({v['policy']})"
+             for v in doc.get("vcpus", [])]
+    emulator = doc.get("emulator")
+    if isinstance(emulator, dict):
+        parts.append(f"main loop: {emulator.get('policy')}, budget left "
+                     f"{emulator.get('budget_left')} s")
+    return "; ".join(parts)
 
 
 AGENT_CONFIG = (
