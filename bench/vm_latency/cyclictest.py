@@ -1,15 +1,28 @@
-"""cyclictest's histogram output, and the figures the benchmark reports from it (pure)."""
+"""cyclictest's command lines and histogram output, and the figures taken from it (pure)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+INTERVAL_US = 1000
 
-def cyclictest_argv(seconds: int, priority: int, hist_us: int, histfile: str) -> list[str]:
-    """One measuring thread per CPU, pinned (--smp), histogram to a file."""
-    return ["cyclictest", "-m", "-q", f"-p{priority}", "-i", "1000", "--smp",
-            "-h", str(hist_us), "-D", str(seconds), f"--histfile={histfile}"]
+
+def _common(seconds: int, hist_us: int, histfile: str) -> list[str]:
+    return ["cyclictest", "-m", "-q", "-i", str(INTERVAL_US), "-h", str(hist_us),
+            "-D", str(seconds), f"--histfile={histfile}"]
+
+
+def pinned_argv(seconds: int, priority: int, cpu: int, hist_us: int, histfile: str
+                ) -> list[str]:
+    """One SCHED_FIFO measuring thread pinned on one CPU: the latency guest's RT task."""
+    return _common(seconds, hist_us, histfile) + [f"-p{priority}", "-a", str(cpu), "-t", "1"]
+
+
+def smp_argv(seconds: int, priority: int, hist_us: int, histfile: str) -> list[str]:
+    """One measuring thread per CPU, pinned (--smp); priority 0 means SCHED_OTHER."""
+    policy = ["--policy=other"] if priority == 0 else [f"-p{priority}"]
+    return _common(seconds, hist_us, histfile) + ["--smp"] + policy
 
 
 @dataclass(frozen=True)
@@ -34,6 +47,20 @@ class Histogram:
             if seen >= want and n:
                 return us
         return None
+
+
+def merge(hists: Iterable[Histogram]) -> Histogram:
+    """One histogram of several runs (rounds of one mode): counts add, the max is the max."""
+    hists = list(hists)
+    if not hists:
+        raise ValueError("nothing to merge")
+    width = max(len(h.counts) for h in hists)
+    counts = [0] * width
+    for h in hists:
+        for us, n in enumerate(h.counts):
+            counts[us] += n
+    return Histogram(tuple(counts), sum(h.overflow for h in hists),
+                     max(h.max_us for h in hists), max(h.threads for h in hists))
 
 
 def _row(line: str) -> list[int]:
@@ -68,9 +95,11 @@ def parse_histogram(text: str) -> Histogram:
 class Summary:
     p50: int | None
     p99: int | None
+    p999: int | None
     max_us: int
     samples: int
 
 
 def summarize(hist: Histogram) -> Summary:
-    return Summary(hist.percentile(0.50), hist.percentile(0.99), hist.max_us, hist.samples)
+    return Summary(hist.percentile(0.50), hist.percentile(0.99), hist.percentile(0.999),
+                   hist.max_us, hist.samples)

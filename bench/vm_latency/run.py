@@ -1,240 +1,359 @@
-"""Guest and host scheduling latency under three host conditions, in a real QEMU guest.
+"""Hints against static real-time and against nothing, on an oversubscribed host.
 
-  python3 -m bench.vm_latency [--seconds 60] [--modes idle,hogs,agent] [--png FILE]
+  python3 -m bench.vm_latency [--seconds 60] [--rounds 3] [--modes idle,none,...]
 
-Modes: idle (host idle); hogs (one CPU hog per host CPU, no guestagent); agent (the
-same hogs, with `guestagent run` in the guest and `guestagent-host run` on the host).
-In each mode cyclictest runs in the guest (-p95) and, at the same time, on the host at a
-priority below what the host peer grants, to show what boosting the vCPUs costs the host.
+One guest is booted once; the modes then take turns, interleaved, for --rounds rounds:
+  idle        no host load (the reference: the least latency this machine gives)
+  none        the host load, nothing boosted
+  static      the host load; every vCPU thread and QEMU's main loop SCHED_FIFO 1 for the
+              whole window, as Nova (hw:cpu_realtime), KubeVirt and libvirt do it
+  guestagent  the host load; the agent in the guest, the host service beside QEMU
+  isolated    the latency path (vCPU 1's thread and QEMU's main loop) alone on the last
+              CPU; the host load and QEMU's other threads on the others
+
+The host load: --load-per-cpu busy workers pinned to each CPU the vCPU threads run on,
+counting the work they do. The latency guest runs cyclictest at FIFO 95 pinned on vCPU 1
+while vCPU 0 runs a nice-19 busy loop; the host runs its own cyclictests at the same
+time, one at FIFO 30 (below the host service's cap, 40) and one at SCHED_OTHER.
+A full run (every mode, --seconds 60 or more, 3 rounds or more) writes docs/performance.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import os
+import platform
+import shlex
+import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:  # run as a script: testbed/ sits at the root
     sys.path.insert(0, str(REPO_ROOT))
 
+from bench.vm_latency import hostservice, qemu_threads, report  # noqa: E402
 from bench.vm_latency.cyclictest import (  # noqa: E402
     Histogram,
-    cyclictest_argv,
     parse_histogram,
-    summarize,
+    pinned_argv,
+    smp_argv,
 )
-from bench.vm_latency.report import MODES, ratios, table, write_png  # noqa: E402
-from testbed.vm import GuestConfig, GuestVM, missing_components  # noqa: E402
+from bench.vm_latency.figures import WindowResult, load_rate, mode_figures  # noqa: E402
+from bench.vm_latency.hostload import HostLoad  # noqa: E402
+from bench.vm_latency.targets import reference_lines, target_lines  # noqa: E402
+from bench.vm_latency.timeline import (  # noqa: E402
+    MAIN_THREAD,
+    Window,
+    boosted_by_mode,
+    first_boost,
+    segments,
+)
+from testbed.vm import GuestConfig, GuestVM, VMError, missing_components  # noqa: E402
 
+MODES = report.MODES
 GUEST_PRIORITY = 95
-# The host peer grants at most FIFO 40 by default (guestagent/host/config.py), so a host
-# cyclictest below that feels the boosted vCPU threads.
-HOST_PRIORITY = 30
-HOG = "import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True:\n    pass\n"
+GUEST_RT_VCPU = 1  # cyclictest's vCPU; the batch loop runs on vCPU 0
+# Below the host service's default cap (FIFO 40, guestagent/host/config.py), so this host
+# cyclictest feels a boosted vCPU thread; above static's FIFO 1.
+HOST_RT_PRIORITY = 30
+GUEST_BATCH = ("import os\nos.sched_setaffinity(0, {0})\nos.nice(19)\n"
+               "while True:\n    pass\n")
+BOOT_TIMEOUT = 300.0
+FULL_RUN = {"seconds": 60, "rounds": 3}
+DOC = REPO_ROOT / "docs" / "performance.md"
+DOC_PNG = REPO_ROOT / "docs" / "performance.png"
 
 
 class BenchError(Exception):
     """Ends the benchmark with one line."""
 
 
-@contextlib.contextmanager
-def cpu_hogs() -> Iterator[None]:
-    """One busy process pinned to each host CPU, at the default policy and nice."""
-    procs = [subprocess.Popen([sys.executable, "-c", HOG, str(cpu)])
-             for cpu in sorted(os.sched_getaffinity(0))]
-    try:
-        yield
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
+def log(msg: str) -> None:
+    print(f"vm_latency: {msg}", file=sys.stderr, flush=True)
 
 
-# --- mode "agent": the only code that knows how to run guestagent and its host peer ------
+def rounds_order(modes: Sequence[str], rounds: int) -> list[tuple[int, str]]:
+    """(round, mode) in run order: each round starts one mode later, so no mode always
+    follows the same one."""
+    n = len(modes)
+    return [(r, modes[(r + i) % n]) for r in range(rounds) for i in range(n)]
 
 
-def agent_unavailable() -> str | None:
-    """Why mode "agent" cannot run here, or None."""
-    checks = {
-        "guestagent run": [sys.executable, "-m", "guestagent", "run", "--help"],
-        "guestagent-host run": [sys.executable, "-c",
-                                "import sys; from guestagent.host.cli import main; "
-                                "sys.exit(main(['run', '--help']))"],
-    }
-    for name, argv in checks.items():
-        proc = subprocess.run(argv, capture_output=True, text=True)
-        if proc.returncode != 0:
-            why = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
-            return f"`{name}` is not available yet ({why})"
-    return None
+# --- one window ------------------------------------------------------------------------
 
 
-AGENT_START_TIMEOUT = 120.0  # Python starting in a TCG guest on a busy machine is slow
+class Bench:
+    def __init__(self, vm: GuestVM, load: HostLoad, sampler: qemu_threads.Sampler,
+                 args: argparse.Namespace) -> None:
+        self.vm = vm
+        self.load = load
+        self.sampler = sampler
+        self.args = args
+        self.vcpus = vm.vcpu_threads()
+        if len(self.vcpus) < 2:
+            raise BenchError(f"expected 2 vCPU threads, found {self.vcpus}")
+
+    def batch_vcpu_lowered(self) -> bool:
+        """The host has applied the agent's first hints: the batch vCPU runs niced."""
+        batch = next(tid for v, tid in self.vcpus.items() if v != GUEST_RT_VCPU)
+        return os.getpriority(os.PRIO_PROCESS, batch) > 0
+
+    @contextlib.contextmanager
+    def mode(self, mode: str, round_: int) -> Iterator[None]:
+        """The host as the mode wants it, for the length of one window."""
+        with contextlib.ExitStack() as stack:
+            if mode == "idle":
+                self.load.pause()
+                stack.callback(self.load.resume)
+            elif mode == "static":
+                stack.enter_context(qemu_threads.static_rt(
+                    self.vm.qemu_pid, [*self.vcpus.values(), self.vm.qemu_pid]))
+            elif mode == "guestagent":
+                stack.enter_context(hostservice.guestagent_running(
+                    self.vm, f"{round_}", log, self.batch_vcpu_lowered))
+            elif mode == "isolated":
+                cpus = sorted(os.sched_getaffinity(0))
+                stack.enter_context(qemu_threads.pinned(
+                    self.vm.qemu_pid, [self.vcpus[GUEST_RT_VCPU], self.vm.qemu_pid],
+                    cpus[-1], set(cpus[:-1])))
+                self.load.confine(cpus[:-1])
+                stack.callback(self.load.rehome)
+            yield
+
+    def measure(self, mode: str, round_: int) -> tuple[WindowResult, Window]:
+        """The three cyclictests at once, the load's work over the same window."""
+        secs, hist_us, work = self.args.seconds, self.args.hist_us, self.vm.workdir
+        files = {side: work / f"{side}-{mode}-{round_}.hist"
+                 for side in ("guest", "host_rt", "host_other")}
+        host = {side: subprocess.Popen(smp_argv(secs, prio, hist_us, str(files[side])),
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                       text=True)
+                for side, prio in (("host_rt", HOST_RT_PRIORITY), ("host_other", 0))}
+        before = self.load.sample()
+        gpid = self.vm.spawn(pinned_argv(secs, GUEST_PRIORITY, GUEST_RT_VCPU, hist_us,
+                                         str(files["guest"])))
+        started = time.monotonic()  # the guest said its RT task's process has started
+        seen = {}
+        if mode == "guestagent":
+            seen = qemu_threads.probe_boost(
+                {"vcpu": self.vcpus[GUEST_RT_VCPU], "main": self.vm.qemu_pid},
+                timeout=min(secs, 15))
+        errors = {}
+        for side, proc in host.items():
+            try:
+                _, errors[side] = proc.communicate(timeout=secs + 60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                raise BenchError(f"host cyclictest ({side}) still running {secs + 60} s "
+                                 f"into a {secs} s window") from None
+        after = self.load.sample()
+        guest = self.vm.wait(gpid, timeout=secs + 120)
+        if guest.rc is None:
+            raise BenchError(f"guest cyclictest still running {secs + 120} s into a "
+                             f"{secs} s window")
+        errors["guest"] = guest.stderr
+        hists: dict[str, Histogram] = {}
+        for side, path in files.items():
+            try:
+                hists[side] = parse_histogram(path.read_text() if path.exists() else "")
+            except ValueError as e:
+                raise BenchError(f"{side} cyclictest ({mode}): {e}: "
+                                 f"{errors.get(side, '').strip()[:200]}") from None
+            path.unlink()
+        work_per_s, cpus = load_rate(before, after)
+        window = Window(mode, round_, before.t, after.t)
+
+        def delay(key: str, name: str) -> float | None:
+            if mode != "guestagent":
+                return None
+            t = seen.get(key)
+            if t is None:  # not within the probe: the sampler may still have seen it
+                t = first_boost(self.sampler.snapshot(), name, started)
+                t = t if t is not None and t <= after.t else None
+            return None if t is None else max(0.0, t - started)
+
+        vcpu_name = qemu_threads.qemu_tasks(self.vm.qemu_pid).get(
+            self.vcpus[GUEST_RT_VCPU], "")
+        result = WindowResult(mode, round_, after.t - before.t, hists, work_per_s, cpus,
+                              delay("vcpu", vcpu_name), delay("main", MAIN_THREAD))
+        return result, window
 
 
-def peer_link_up(status_socket: str) -> bool:
-    """The host peer has negotiated with a running guest agent."""
-    from guestagent.errors import GuestagentError
-    from guestagent.host.status import fetch
-
-    try:
-        doc = fetch(status_socket)
-    except (GuestagentError, OSError, ValueError):
-        return False
-    return doc.get("link_state") == "up" and doc.get("guest_state") == "RUNNING"
+# --- the run ---------------------------------------------------------------------------
 
 
-def applied_summary(status_socket: str) -> str:
-    """What the host peer applied to each vCPU thread, one line, to read the figures by."""
-    from guestagent.errors import GuestagentError
-    from guestagent.host.status import fetch
-
-    try:
-        doc = fetch(status_socket)
-    except (GuestagentError, OSError, ValueError) as err:
-        return f"host peer status unavailable ({err})"
-    return "; ".join(f"vCPU {v['vcpu']}: {','.join(v['applied']) or 'nothing'} ({v['policy']})"
-                     for v in doc.get("vcpus", []))
-
-
-@contextlib.contextmanager
-def guestagent_running(vm: GuestVM) -> Iterator[None]:
-    """`guestagent run` in the guest over the virtio-serial port, the host peer beside QEMU."""
-    config = vm.workdir / "guestagent.toml"
-    # The control socket lives in the guest's own /run: the workdir is a 9p share.
-    # Heartbeats twice a second keep the peer's 1.5 s lease safe from TCG timer jitter.
-    config.write_text(
-        "[agent]\n"
-        "heartbeat_interval_ms = 500\n"
-        "[transport]\n"
-        'mode = "channel"\n'
-        "[control]\n"
-        'socket = "/run/guestagent-bench/control.sock"\n'
-    )
-    status_socket = str(vm.workdir / "peer.status")
-    peer_log = open(vm.workdir / "peer.log", "wb")
-    peer = subprocess.Popen(
-        [sys.executable, "-m", "guestagent.host.cli", "run", "--qmp", vm.peer_qmp_sock,
-         "--channel", vm.hints_sock, "--status-socket", status_socket],
-        stdout=peer_log, stderr=subprocess.STDOUT)
-    agent = vm.spawn([sys.executable, "-m", "guestagent", "run", "--config", str(config)])
-    try:
-        deadline = time.monotonic() + AGENT_START_TIMEOUT
-        while not peer_link_up(status_socket):  # measure only once they have negotiated
-            for name, dead in (("host peer", peer.poll() is not None),
-                               ("agent", vm.wait(agent, timeout=0).rc is not None)):
-                if dead:
-                    raise BenchError(f"the {name} exited at start; see {vm.workdir}")
-            if time.monotonic() > deadline:
-                raise BenchError(f"agent and host peer not linked after "
-                                 f"{AGENT_START_TIMEOUT:.0f} s; see {vm.workdir}/peer.log")
-            time.sleep(0.5)
-        yield
-        print("vm_latency: agent: at the end, " + applied_summary(status_socket),
-              file=sys.stderr, flush=True)
-    finally:
-        vm.signal(agent, 15)
-        vm.wait(agent, timeout=10)
-        peer.terminate()  # the peer restores every vCPU thread on SIGTERM
+def machine_lines(accel: str, args: argparse.Namespace) -> list[str]:
+    def first(cmd: Sequence[str]) -> str:
         try:
-            peer.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            peer.kill()
-            peer.wait()
-        peer_log.close()
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return "unknown"
+        return (out.splitlines() or ["unknown"])[0]
+
+    model = "unknown CPU"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
+                     model)
+    load1, load5, _ = os.getloadavg()
+    rt = "unknown"
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/sys/kernel/sched_rt_runtime_us") as f:
+            runtime = int(f.read())
+        with open("/proc/sys/kernel/sched_rt_period_us") as f:
+            rt = "none" if runtime < 0 else f"{runtime / int(f.read()):.0%} of each period"
+    return [
+        f"host: {os.cpu_count()} CPUs ({model}), Linux {platform.release()}, "
+        f"load average {load1:.2f} / {load5:.2f} at the start; RT throttling: {rt}",
+        f"guest: {first(['qemu-system-x86_64', '--version'])}, accelerator {accel}, "
+        f"2 vCPUs, 1 GiB, virtme-ng",
+        f"host load: {args.load_per_cpu} busy workers pinned to each of the "
+        f"{len(os.sched_getaffinity(0))} CPUs; host cyclictest FIFO {HOST_RT_PRIORITY} "
+        f"and SCHED_OTHER on every CPU; guest cyclictest FIFO {GUEST_PRIORITY} on vCPU "
+        f"{GUEST_RT_VCPU}, nice-19 busy loop on vCPU 0",
+        f"host service (mode guestagent): {hostservice.HOST_SERVICE.title}",
+        "second, batch-only guest: not run (a 2-CPU host has no room for it)",
+    ]
 
 
-# --- measuring -----------------------------------------------------------------------------
-
-
-def measure(vm: GuestVM, mode: str, seconds: int, hist_us: int) -> dict[str, Histogram]:
-    """cyclictest in the guest and on the host at the same time; both histograms."""
-    guest_file = vm.workdir / f"guest-{mode}.hist"
-    host_file = vm.workdir / f"host-{mode}.hist"
-    gpid = vm.spawn(cyclictest_argv(seconds, GUEST_PRIORITY, hist_us, str(guest_file)))
-    host = subprocess.run(cyclictest_argv(seconds, HOST_PRIORITY, hist_us, str(host_file)),
-                          capture_output=True, text=True, timeout=seconds + 60)
-    guest = vm.wait(gpid, timeout=seconds + 120)
-    if guest.rc is None:
-        raise BenchError(f"guest cyclictest still running {seconds + 120} s into a "
-                         f"{seconds} s run")
-    out = {}
-    for side, path, rc, err in (("guest", guest_file, guest.rc, guest.stderr),
-                                ("host", host_file, host.returncode, host.stderr)):
-        try:
-            out[side] = parse_histogram(path.read_text() if path.exists() else "")
-        except ValueError as e:
-            raise BenchError(f"{side} cyclictest ({mode}, rc {rc}): {e}: "
-                             f"{err.strip()[:200]}") from None
-    return out
-
-
-def run(args: argparse.Namespace) -> int:
-    modes = [m for m in args.modes.split(",") if m]
-    unknown = set(modes) - set(MODES)
-    if unknown:
-        raise BenchError(f"unknown mode(s) {', '.join(sorted(unknown))}; "
-                         f"choose from {', '.join(MODES)}")
+def check_environment(modes: Sequence[str]) -> None:
     missing = missing_components()
     if missing:
         raise BenchError("cannot boot a guest: missing " + "; ".join(missing))
-    if "agent" in modes:
-        reason = agent_unavailable()
+    if not shutil.which("cyclictest"):
+        raise BenchError("cyclictest is missing (Debian package rt-tests)")
+    if os.geteuid() != 0:
+        raise BenchError("needs root: cyclictest's RT threads and setting QEMU's threads")
+    if "guestagent" in modes:
+        reason = hostservice.service_unavailable()
         if reason:
-            raise BenchError(f"mode agent: {reason}; run with --modes idle,hogs")
+            raise BenchError(f"mode guestagent: {reason}")
+    if "isolated" in modes and len(os.sched_getaffinity(0)) < 2:
+        raise BenchError("mode isolated needs at least 2 CPUs")
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise BenchError("the histogram PNG needs matplotlib: "
-                         "python3 -m pip install matplotlib") from None
+        raise BenchError("the plot needs matplotlib: python3 -m pip install matplotlib") \
+            from None
 
-    hists: dict[str, dict[str, Histogram]] = {}
-    # The agent mode needs the hints port; ivshmem is left out so the agent uses the channel.
-    with GuestVM(config=GuestConfig(ivshmem=False)) as vm:
-        for mode in modes:
-            print(f"vm_latency: {mode}: {args.seconds} s ...", file=sys.stderr, flush=True)
-            with contextlib.ExitStack() as stack:
-                if mode in ("hogs", "agent"):
-                    stack.enter_context(cpu_hogs())
-                if mode == "agent":
-                    stack.enter_context(guestagent_running(vm))
-                hists[mode] = measure(vm, mode, args.seconds, args.hist_us)
-    results = {m: {side: summarize(h) for side, h in sides.items()}
-               for m, sides in hists.items()}
-    accel = "KVM" if os.environ.get("GUESTAGENT_VM_KVM") == "1" else "TCG"
-    print(f"cyclictest -m -p{GUEST_PRIORITY} -i 1000 --smp, {args.seconds} s per mode; "
-          f"guest: QEMU {accel}, 2 vCPUs; host: -p{HOST_PRIORITY}, {os.cpu_count()} CPUs")
-    print(table(results, args.hist_us))
-    print()
-    for line in ratios(results):
-        print(line)
-    write_png(args.png, hists, f"cyclictest latency, {args.seconds} s per mode ({accel})")
-    print(f"\nhistogram: {args.png}")
+
+def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown:
+        raise BenchError(f"unknown mode(s) {', '.join(unknown)}; choose from "
+                         f"{', '.join(MODES)}")
+    check_environment(modes)
+    began = time.monotonic()
+    results: list[WindowResult] = []
+    windows: list[Window] = []
+    cpus = sorted(os.sched_getaffinity(0))
+    # ivshmem is left out so the agent uses the hints port; a shared machine boots slowly.
+    with GuestVM(config=GuestConfig(ivshmem=False, boot_timeout=BOOT_TIMEOUT)) as vm, \
+            HostLoad(cpus, args.load_per_cpu) as load, \
+            qemu_threads.Sampler(vm.qemu_pid) as sampler:
+        booted = time.monotonic()
+        accel = qemu_threads.accelerator(vm.qemu_pid)
+        log(f"guest up in {booted - began:.0f} s ({accel}); {len(modes)} modes x "
+            f"{args.rounds} rounds x {args.seconds} s")
+        vm.spawn([sys.executable, "-c", GUEST_BATCH])
+        bench = Bench(vm, load, sampler, args)
+        for round_, mode in rounds_order(modes, args.rounds):
+            log(f"round {round_ + 1}/{args.rounds}: {mode}, {args.seconds} s ...")
+            with bench.mode(mode, round_):
+                result, window = bench.measure(mode, round_)
+            results.append(result)
+            windows.append(window)
+        measured = time.monotonic()
+        samples = sampler.snapshot()
+        machine = machine_lines(accel, args)
+    timeline = segments(samples, end=windows[-1].end)
+    figures = mode_figures(results, boosted_by_mode(timeline, windows))
+    tables = [report.latency_table(figures, args.hist_us), report.host_table(figures)]
+    targets, references = target_lines(figures), reference_lines(figures)
+    delays = report.delay_lines(figures)
+    print(f"{accel} guest; {args.rounds} rounds x {args.seconds} s per mode, interleaved")
+    for head, lines in (("", ["\n\n".join(tables)]), ("", delays),
+                        ("targets (ratios from this run):", targets),
+                        ("for reading them:", references)):
+        if lines:
+            print("\n".join(([head] if head else []) + list(lines)) + "\n")
+    title = (f"vm_latency: {accel}, {args.rounds} rounds x {args.seconds} s per mode, "
+             f"{os.cpu_count()} host CPUs")
+    report.write_png(args.png, figures, timeline, windows, title)
+    print(f"plot: {args.png}")
+    total = time.monotonic() - began
+    print(full_run_estimate(total, booted - began, measured - booted, len(windows), args,
+                            len(MODES)))
+    full = is_full_run(modes, args)
+    if args.record or full:
+        shutil.copyfile(args.png, DOC_PNG)
+        command = "python3 -m bench.vm_latency " + shlex.join(argv)
+        DOC.write_text(report.performance_md(report.RunRecord(
+            command=command.strip(),
+            when=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            machine=machine, duration_s=total, tables=tables, targets=targets,
+            references=references, delays=delays, png=DOC_PNG.name, full=full)))
+        print(f"recorded: {DOC.relative_to(REPO_ROOT)} and {DOC_PNG.relative_to(REPO_ROOT)}")
+    else:
+        print(f"not recorded in {DOC.relative_to(REPO_ROOT)}: a short run (a full run has "
+              f"every mode, --seconds {FULL_RUN['seconds']} and --rounds {FULL_RUN['rounds']} "
+              "or more; --record forces it)")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vm_latency", description=__doc__.split("\n")[1])
-    parser.add_argument("--seconds", type=int, default=60, help="per mode (default 60)")
+def is_full_run(modes: Sequence[str], args: argparse.Namespace) -> bool:
+    return (set(modes) >= set(MODES) and args.seconds >= FULL_RUN["seconds"]
+            and args.rounds >= FULL_RUN["rounds"])
+
+
+def full_run_estimate(total: float, boot: float, measuring: float, windows: int,
+                      args: argparse.Namespace, all_modes: int) -> str:
+    """How long this run took, and from its own overheads how long a full run takes."""
+    per_window = max(0.0, measuring / windows - args.seconds)
+    full_windows = all_modes * max(args.rounds, FULL_RUN["rounds"])
+    full = (total - measuring) + full_windows * (max(args.seconds, FULL_RUN["seconds"])
+                                                 + per_window)
+    return (f"this run took {total / 60:.1f} min (boot {boot:.0f} s, {per_window:.0f} s of "
+            f"overhead per window); a full run takes about {full / 60:.0f} min here")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="vm_latency", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.split("\n")[3:]))
+    parser.add_argument("--seconds", type=int, default=FULL_RUN["seconds"],
+                        help=f"per window (default {FULL_RUN['seconds']})")
+    parser.add_argument("--rounds", type=int, default=FULL_RUN["rounds"],
+                        help=f"interleaved rounds of every mode (default {FULL_RUN['rounds']})")
     parser.add_argument("--modes", default=",".join(MODES),
-                        help="comma-separated subset of idle,hogs,agent (default: all)")
-    parser.add_argument("--hist-us", type=int, default=20000,
+                        help=f"comma-separated subset of {','.join(MODES)} (default: all)")
+    parser.add_argument("--load-per-cpu", type=int, default=2,
+                        help="host busy workers pinned to each CPU (default 2)")
+    parser.add_argument("--hist-us", type=int, default=100000,
                         help="histogram range in µs; above it counts as overflow")
     parser.add_argument("--png", default="bench/out/vm_latency.png",
                         help="where to write the plot (default bench/out/vm_latency.png)")
+    parser.add_argument("--record", action="store_true",
+                        help="write docs/performance.md even for a short run")
     args = parser.parse_args(argv)
-    if args.seconds < 1:
-        parser.error("--seconds must be at least 1")
+    for name in ("seconds", "rounds", "load_per_cpu", "hist_us"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     try:
-        return run(args)
-    except BenchError as err:
+        return run(args, argv)
+    except (BenchError, hostservice.ServiceError) as err:
         print(f"vm_latency: error: {err}", file=sys.stderr)
+        return 1
+    except VMError as err:  # its text ends with the guest console's last lines
+        print(f"vm_latency: error: the guest: {hostservice.printable(str(err))}",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
