@@ -54,8 +54,12 @@ class Peer:
 
     def __init__(self, standin: Standin, chan: str, tmp) -> None:
         cfg = tmp / "host.toml"
+        # Guest and host share one kernel here: a stand-in vCPU thread the peer pinned (for
+        # a co-location group) stops floating, and the agent would count it as pinned RT
+        # work and keep its own boost alive. Pinning is tested on its own elsewhere.
         cfg.write_text(f"heartbeat_period = {PERIOD}\nmax_rt_priority = 40\n"
-                       "min_change_interval = 0\ncapacity_period = 0.2\n")
+                       "min_change_interval = 0\ncapacity_period = 0.2\n"
+                       "colocation = false\n")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "guestagent.host.cli", "run", "--qmp", standin.qmp,
              "--channel", chan, "--listen", "--config", str(cfg),
