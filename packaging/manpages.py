@@ -163,10 +163,15 @@ def key_roff(key: Any) -> list[str]:
     """One configuration key as a tagged paragraph: name, type, default, limits, meaning."""
     from guestagent.agent.config import toml_value
 
-    facts = ["one of " + ", ".join(key.choices)] if key.choices else [key.type]
-    if key.minimum is not None or key.maximum is not None:
+    facts = [key.type]
+    if key.choices:
+        facts = [("one of " if key.type == "choice" else "list of ") + ", ".join(key.choices)]
+    if key.exclusive_minimum is not None:
+        facts.append(f"above {fmt_num(key.exclusive_minimum)}, at most {fmt_num(key.maximum)}")
+    elif key.minimum is not None or key.maximum is not None:
         facts.append(f"from {fmt_num(key.minimum)} to {fmt_num(key.maximum)}")
-    facts.append(f"default {toml_value(key.default)}")
+    if key.default is not None:  # None: the description says what stands in for it
+        facts.append(f"default {toml_value(key.default)}")
     return [".TP", f"\\fB{escape(key.name)}\\fR ({escape('; '.join(facts))})", escape(key.doc)]
 
 

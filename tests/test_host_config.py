@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import pytest
 
 from guestagent.errors import ConfigError
-from guestagent.host.config import HostLimits, load_limits, parse_limits
+from guestagent.host.config import SCHEMA, HostLimits, load_limits, parse_limits
 
 
 def test_defaults_without_file():
@@ -23,12 +25,16 @@ def test_full_file_parses():
 
 
 @pytest.mark.parametrize("text,line,words", [
-    ("max_boosted = 1\nmax_rt_priority = 100\n", 2, "1..99"),
-    ("\n\nlease_periods = 3\n", 3, "(0, 2]"),
-    ("rt_policies = [\"deadline\"]\n", 1, "fifo"),
-    ("colocation = 1\n", 1, "true or false"),
-    ("max_rt_prio = 5\n", 1, "unknown key"),
-    ("contend = { x = 5 }\n", 1, "vCPU number"),
+    ("max_boosted = 1\nmax_rt_priority = 100\n", 2, "max_rt_priority must be at most 99"),
+    ("\n\nlease_periods = 3\n", 3, "lease_periods must be at most 2"),
+    ("lease_periods = 0\n", 1, "lease_periods must be more than 0"),
+    ("rt_policies = [\"deadline\"]\n", 1, "rt_policies must be a list, each one of fifo, rr"),
+    ("colocation = 1\n", 1, "colocation must be true or false"),
+    ("max_rt_prio = 5\n", 1, "unknown key max_rt_prio"),
+    ("contend = { x = 5 }\n", 1, "contend keys must be whole numbers, not 'x'"),
+    ("\ncontend = { 1 = 2000 }\n", 2, "contend.1 must be an integer from 0 to 1024"),
+    ("pin_cpus = [0, 4096]\n", 1, "pin_cpus must be a list of integers from 0 to 4095"),
+    ("heartbeat_period = nan\n", 1, "heartbeat_period must be at least 0.01"),
     ("max_boosted = [\n", 1, ""),
     ("a = 1\nb = = 2\n", 2, ""),
 ])
@@ -38,7 +44,17 @@ def test_bad_values_name_file_and_line(tmp_path, text, line, words):
     with pytest.raises(ConfigError) as err:
         load_limits(str(path))
     msg = str(err.value)
-    assert msg.startswith(f"{path}:{line}: ") and words in msg and "\n" not in msg
+    assert msg.startswith(f"{path}:{line}: {words}") and "\n" not in msg
+
+
+def test_schema_defaults_are_the_built_in_limits():
+    """The defaults the schema documents are the ones HostLimits() uses."""
+    from guestagent.agent.config import toml_value
+
+    text = "".join(f"{key.name} = {toml_value(key.default)}\n" for key in SCHEMA
+                   if key.default is not None)
+    assert parse_limits(text) == HostLimits()
+    assert {key.name for key in SCHEMA} == {f.name for f in fields(HostLimits)}
 
 
 def test_unreadable_file_is_one_line(tmp_path):

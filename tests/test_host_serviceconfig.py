@@ -23,16 +23,33 @@ def test_host_table_beside_per_vm_limits():
 
 
 @pytest.mark.parametrize("text, message", [
-    ("max_boosted = 1\n[host]\nmax_boosted = -3\n", "f.toml:3: host.max_boosted"),
-    ('[host]\nemulator = "sometimes"\n', "f.toml:2: host.emulator"),
-    ("[host]\nbogus = 1\n", "f.toml:2: host.bogus: unknown key"),
-    ('[host]\ndropin_dir = "relative"\n', "absolute path"),
-    ("host = 5\n", "must be a table"),
-    ("[host]\nboost_budget = true\n", "seconds"),
+    ("max_boosted = 1\n[host]\nmax_boosted = -3\n", "f.toml:3: host.max_boosted must be at least 0"),
+    ('[host]\nemulator = "sometimes"\n',
+     "f.toml:2: host.emulator must be one of follow, never, always"),
+    ("[host]\nbogus = 1\n", "f.toml:2: unknown key host.bogus"),
+    ('[host]\ndropin_dir = "relative"\n', "f.toml:2: host.dropin_dir must be an absolute path"),
+    ('[host]\nlibvirt_domains = ["web-*", ""]\n',
+     "f.toml:2: host.libvirt_domains must be a list of non-empty strings"),
+    ('[host]\nmetrics_textfile = "x.prom"\n',
+     'f.toml:2: host.metrics_textfile must be an absolute path or ""'),
+    ("host = 5\n", "f.toml:1: host must be a table"),
+    ("[host]\nboost_budget = true\n", "f.toml:2: host.boost_budget must be a number"),
+    ("max_boosted = -1\n[host]\nbogus = 1\n", "f.toml:1: max_boosted must be at least 0"),
 ])
 def test_bad_host_keys_name_file_and_line(text, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError) as err:
         parse_service(text, "f.toml")
+    assert str(err.value) == message
+
+
+def test_empty_textfile_means_none_and_defaults_match_the_schema():
+    from guestagent.agent.config import toml_value
+    from guestagent.host.serviceconfig import SCHEMA, ServiceSettings
+
+    assert parse_service('[host]\nmetrics_textfile = ""\n').metrics_textfile == ""
+    text = "[host]\n" + "".join(f"{key.name} = {toml_value(key.default)}\n" for key in SCHEMA
+                                if key.default is not None)
+    assert parse_service(text) == ServiceSettings()
 
 
 def test_textfile_escapes_labels_and_counts():

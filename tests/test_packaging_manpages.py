@@ -101,6 +101,27 @@ def test_config_page_lists_every_section_and_key(pages):
         assert text.index(f"SECTION [{section}]") < text.index(f"   {first.name} (")
 
 
+def test_host_schema_keys_render_as_clean_roff(tmp_path):
+    """The host configs use the same KeySpec schema; every kind of key it has renders."""
+    from guestagent.host import config as host_config
+    from guestagent.host import serviceconfig
+
+    keys = host_config.SCHEMA + serviceconfig.SCHEMA
+    page = tmp_path / "host.5"
+    page.write_text("\n".join(manpages.page_header("host", 5, "keys", "0", "2026-01-01")
+                              + [line for key in keys for line in manpages.key_roff(key)]) + "\n")
+    env = dict(os.environ, LC_ALL="C.UTF-8", MANROFFSEQ="", MANWIDTH="80")
+    proc = subprocess.run(["man", "--warnings", "-E", "UTF-8", "-l", "-Tutf8", "-Z", str(page)],
+                          env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    text = as_text(page)
+    for key in keys:
+        assert re.search(rf"^ +{re.escape(key.name)} \(", text, re.M), key.name
+    assert "lease_periods (float; above 0, at most 2; default 1.5)" in text
+    assert 'rt_policies (list of fifo, rr; default ["fifo", "rr"])' in text
+    assert "pin_cpus (list[int]; from 0 to 4095)" in text  # no default: the text says it
+
+
 def test_page_is_dated_by_source_date_epoch(tmp_path, monkeypatch):
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     manpages.main([str(tmp_path)])

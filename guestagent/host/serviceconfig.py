@@ -14,26 +14,20 @@
     metrics_textfile = ""        # e.g. /var/lib/prometheus/node-exporter/guestagent-host.prom
     rescan_period = 2.0          # seconds between rescans when inotify cannot tell
 
-The rest of the file are the per-VM limits (config.py). Errors name file and line.
+The rest of the file are the per-VM limits (config.py). Both are checked by one
+schema machinery (guestagent.linux.schema); errors name file and line.
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from guestagent.errors import ConfigError
 from guestagent.host.arbiter import ArbiterLimits
-from guestagent.host.config import HostLimits, parse_limits, read_config_text
+from guestagent.host.config import HostLimits, limits_from
 from guestagent.host.dropins import DROPIN_DIR
 from guestagent.host.libvirt import STATUS_DIR
-from guestagent.linux.schema import KeyLines
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.9/3.10 only
-    import tomli as tomllib
+from guestagent.linux.schema import KeyLines, KeySpec, check_table, parse_document, read_text
 
 EMULATOR_POLICIES = ("follow", "never", "always")
 
@@ -58,73 +52,59 @@ class ServiceSettings:
         return "follow" if accel in ("tcg", "unknown") else "never"
 
 
-def _int(v: Any, low: int, high: int) -> int:
-    if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= high:
-        raise ValueError(f"must be an integer {low}..{high}")
-    return v
+SCHEMA: tuple[KeySpec, ...] = (
+    KeySpec("host", "max_boosted_per_cpu", "int", 1,
+            "Boosted (RT) threads per physical CPU.", 1, 64),
+    KeySpec("host", "max_boosted", "int", None,
+            "Boosted threads on the host, emulator threads included (default: one per CPU).",
+            0, 1 << 16),
+    KeySpec("host", "max_boosted_per_vm", "int", None,
+            "Boosted vCPUs of one VM (default: half the host's).", 0, 1 << 16),
+    KeySpec("host", "boost_budget", "float", 0.5,
+            "Seconds of boosted run time a thread may spend, earned back 1:1 while unboosted.",
+            0.001, 3600),
+    KeySpec("host", "emulator", "choice", None,
+            "follow: boost QEMU's main-loop thread while any of the VM's vCPUs is boosted; "
+            "always: the same under KVM too; never (default: follow under TCG, never under KVM).",
+            choices=EMULATOR_POLICIES),
+    KeySpec("host", "rt_cgroup_budget_us", "int", 0,
+            "RT runtime (microseconds per period) to hand down cgroup chains; 0: never touch them.",
+            0, 10**7),
+    KeySpec("host", "rt_cgroup_per_thread_us", "int", 50_000,
+            "What one thread's cgroup gets.", 1, 10**7),
+    KeySpec("host", "libvirt_status_dir", "path", STATUS_DIR,
+            "Where libvirt keeps its domains' status files.", nonempty=True),
+    KeySpec("host", "libvirt_domains", "list[str]", ["*"],
+            "Shell patterns of the libvirt domain names to serve.", nonempty=True),
+    KeySpec("host", "dropin_dir", "path", DROPIN_DIR,
+            "Drop-in files of plain QEMU VMs, one NAME.toml each.", nonempty=True),
+    KeySpec("host", "metrics_textfile", "path", "",
+            "A Prometheus textfile rewritten at each rescan; empty: none."),
+    KeySpec("host", "rescan_period", "float", 2.0,
+            "Seconds between rescans when inotify cannot tell.", 0.1, 3600),
+)
 
-
-def _seconds(v: Any, low: float, high: float) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not low <= v <= high:
-        raise ValueError(f"must be a number of seconds, {low}..{high}")
-    return float(v)
-
-
-def _path(v: Any, empty_ok: bool = False) -> str:
-    if not isinstance(v, str) or (not v and not empty_ok) or (v and not v.startswith("/")):
-        raise ValueError("must be an absolute path" + (' or ""' if empty_ok else ""))
-    return v
-
-
-def _patterns(v: Any) -> tuple[str, ...]:
-    if not isinstance(v, list) or not all(isinstance(p, str) and p for p in v):
-        raise ValueError("must be a list of domain name patterns")
-    return tuple(v)
-
-
-def _emulator(v: Any) -> str:
-    if v not in EMULATOR_POLICIES:
-        raise ValueError('must be "follow", "never" or "always"')
-    return v
-
-
-CHECKS = {
-    "max_boosted_per_cpu": ("arbiter", "per_cpu", lambda v: _int(v, 1, 64)),
-    "max_boosted": ("arbiter", "host", lambda v: _int(v, 0, 1 << 16)),
-    "max_boosted_per_vm": ("arbiter", "per_vm", lambda v: _int(v, 0, 1 << 16)),
-    "boost_budget": ("arbiter", "budget", lambda v: _seconds(v, 0.001, 3600)),
-    "emulator": ("service", "emulator", _emulator),
-    "rt_cgroup_budget_us": ("service", "rt_cgroup_budget_us", lambda v: _int(v, 0, 10**7)),
-    "rt_cgroup_per_thread_us": ("service", "rt_cgroup_per_thread_us",
-                                lambda v: _int(v, 1, 10**7)),
-    "libvirt_status_dir": ("service", "libvirt_status_dir", _path),
-    "libvirt_domains": ("service", "libvirt_domains", _patterns),
-    "dropin_dir": ("service", "dropin_dir", _path),
-    "metrics_textfile": ("service", "metrics_textfile", lambda v: _path(v, empty_ok=True)),
-    "rescan_period": ("service", "rescan_period", lambda v: _seconds(v, 0.1, 3600)),
-}
+# Keys of the [host] table that are ArbiterLimits fields, by field name; the others are
+# ServiceSettings fields of the same name.
+ARBITER_FIELDS = {"max_boosted_per_cpu": "per_cpu", "max_boosted": "host",
+                  "max_boosted_per_vm": "per_vm", "boost_budget": "budget"}
 
 
 def parse_service(text: str, path: str = "<config>") -> ServiceSettings:
-    limits = parse_limits(text, path, tables=frozenset({"host"}))
-    table = tomllib.loads(text).get("host", {})
+    doc = parse_document(text, path)
     lines = KeyLines(text)
-    if not isinstance(table, dict):
-        raise ConfigError(f"{path}:{lines.table('host')}: host: must be a table [host]")
+    limits = limits_from(doc, path, lines, tables=frozenset({"host"}))
     arbiter: dict[str, Any] = {}
     service: dict[str, Any] = {}
-    for key, raw in table.items():
-        try:
-            if key not in CHECKS:
-                raise ValueError("unknown key")
-            where, name, check = CHECKS[key]
-            (arbiter if where == "arbiter" else service)[name] = check(raw)
-        except ValueError as err:
-            raise ConfigError(f"{path}:{lines.key('host', key)}: host.{key}: {err}") from None
+    for key, value in check_table(SCHEMA, "host", doc.get("host", {}), path, lines).items():
+        if key in ARBITER_FIELDS:
+            arbiter[ARBITER_FIELDS[key]] = value
+        else:
+            service[key] = tuple(value) if isinstance(value, list) else value
     return ServiceSettings(limits=limits, arbiter=ArbiterLimits(**arbiter), **service)
 
 
 def load_service(path: str | None) -> ServiceSettings:
     if path is None:
         return ServiceSettings()
-    return parse_service(read_config_text(path), path)
+    return parse_service(read_text(path), path)
