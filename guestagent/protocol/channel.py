@@ -39,6 +39,11 @@ from guestagent.protocol.model import (
     make_hint,
 )
 
+__all__ = [
+    "ENTRIES_PER_PART", "MAX_LINE", "RESET", "LineDropped", "LineFramer", "decode_line",
+    "encode_message",
+]
+
 MAX_LINE = 65536  # bytes per line, the newline included
 RESET = b"\xff"  # never valid in UTF-8, so never inside a line: resets the parser
 ENTRIES_PER_PART = 1024  # keeps the worst-case hints/capacity line near 32 KiB

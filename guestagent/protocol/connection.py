@@ -46,6 +46,11 @@ from guestagent.protocol.model import (
 )
 from guestagent.protocol.negotiation import negotiate
 
+__all__ = [
+    "BadLine", "Connection", "Counters", "GuestConnection", "GuestEvent", "HostConnection",
+    "HostEvent", "Refused", "Resync",
+]
+
 T = TypeVar("T")
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from guestagent.errors import GuestagentError
 
+__all__ = ["LocalProtocolError", "ProtocolError", "RemoteProtocolError"]
+
 
 class ProtocolError(GuestagentError):
     """Something violates docs/protocol.md. str(err) is a one-line message."""

@@ -10,6 +10,8 @@ import enum
 
 from guestagent.protocol.model import STALE_AFTER
 
+__all__ = ["HeartbeatWatch", "LinkState"]
+
 
 class LinkState(str, enum.Enum):
     """Where a session stands with its peer; the value is what status shows."""

@@ -20,6 +20,11 @@ from guestagent.protocol.model import (
     VcpuHint,
 )
 
+__all__ = [
+    "Ack", "Capacity", "CapacityPart", "Error", "Heartbeat", "Hello", "Hints", "HintsPart",
+    "Message", "Sync", "SyncAck", "Unknown", "Welcome",
+]
+
 
 @dataclass(frozen=True)
 class Hello:

@@ -13,6 +13,13 @@ from dataclasses import dataclass
 
 from guestagent.sched import NICE_MAX, NICE_MIN, RT_PRIORITY_MAX
 
+__all__ = [
+    "CAPACITY_MAX", "GROUP_MAX", "HEARTBEAT_PERIOD", "MAX_VCPUS", "NICE_MAX", "NICE_MIN",
+    "PROTOCOL_NAME", "RT_PRIORITY_MAX", "STALE_AFTER", "VERSION_MAJOR", "VERSION_MINOR",
+    "AppliedFlag", "Feature", "HintFlag", "PeerState", "Request", "SchedClass", "VcpuCapacity",
+    "VcpuHint", "make_capacity", "make_hint", "neutral_hints",
+]
+
 PROTOCOL_NAME = "org.guestagent.sched"
 VERSION_MAJOR = 1
 VERSION_MINOR = 1  # 1.1: heartbeats carry the epoch; the rules of docs/protocol.md 1.1

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from guestagent.protocol.model import PROTOCOL_NAME, VERSION_MAJOR, Feature
 
+__all__ = ["Negotiated", "negotiate"]
+
 
 @dataclass(frozen=True)
 class Negotiated:

@@ -27,6 +27,14 @@ from guestagent.protocol.model import (
     make_hint,
 )
 
+__all__ = [
+    "GUEST_CONTROL_OFFSET", "HEADER_SIZE", "HOST_CONTROL_OFFSET", "MAGIC", "SLOT_SIZE",
+    "GuestControl", "HostControl", "RegionHeader", "RegionLayout", "Verdict", "check_layout",
+    "decode_guest_control", "decode_guest_slot", "decode_header", "decode_host_control",
+    "decode_host_slot", "encode_guest_control", "encode_guest_slot", "encode_header",
+    "encode_host_control", "encode_host_slot", "line_seq", "region_size_for",
+]
+
 MAGIC = b"GUESTAGT"
 LINE = 64  # cache line: the unit of single-writer ownership
 HEADER_SIZE = 256  # static header (2 lines) + guest control + host control

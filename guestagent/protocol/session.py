@@ -38,6 +38,8 @@ from guestagent.protocol.region import (
     decode_host_slot,
 )
 
+__all__ = ["GuestRegionSession", "HostRegionSession", "layout_to_keep", "reformat_problem"]
+
 
 def reformat_problem(header: bytes) -> str | None:
     """While running: why the guest must not re-format a region whose header changed

@@ -4,6 +4,8 @@ Links (guestagent.transport.link) are the API the agent daemon and the host
 peer use; the per-backend modules hold the implementations.
 """
 
+import types as _types
+
 from guestagent.transport.channel_link import ChannelGuestLink, ChannelHostLink
 from guestagent.transport.link import (
     ALL_FEATURES,
@@ -16,7 +18,6 @@ from guestagent.transport.link import (
 )
 from guestagent.transport.region_link import RegionGuestLink, RegionHostLink
 
-__all__ = [
-    "ALL_FEATURES", "ChannelGuestLink", "ChannelHostLink", "GuestLink", "GuestView", "HostLink",
-    "HostView", "LinkErrors", "RegionGuestLink", "RegionHostLink", "new_epoch",
-]
+# The surface is exactly what is imported above.
+__all__ = sorted(name for name, value in globals().items()
+                 if not name.startswith("_") and not isinstance(value, _types.ModuleType))
