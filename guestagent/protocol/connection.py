@@ -11,7 +11,7 @@ raises LocalProtocolError for a message the state does not allow.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Generic, TypeVar, Union
+from typing import Callable, Generic, TypeVar, Union
 
 from guestagent.protocol.channel import (
     MAX_LINE,
@@ -54,14 +54,6 @@ __all__ = [
 T = TypeVar("T")
 
 
-def _complete(entries, nr_vcpus: int, default) -> tuple:
-    """A full per-vCPU table: the entries given, the default for vCPUs not listed."""
-    table = [default(vcpu=i) for i in range(nr_vcpus)]
-    for entry in entries:
-        table[entry.vcpu] = entry
-    return tuple(table)
-
-
 @dataclass(frozen=True)
 class BadLine:
     """A line was dropped (malformed, invalid or oversized); the stream goes on."""
@@ -101,20 +93,24 @@ class Counters:
 class _Assembler(Generic[T]):
     """Joins the parts of one table; a part of another table discards the rest."""
 
-    def __init__(self) -> None:
+    def __init__(self, default: Callable[..., T]) -> None:
+        self._default = default  # the entry of a vCPU no part lists, given vcpu=
         self._key: tuple[int, int, int] | None = None
         self._got: dict[int, tuple[T, ...]] = {}
 
     def add(self, key: int, nr: int, part: int, parts: int,
-            items: tuple[T, ...]) -> list[T] | None:
+            items: tuple[T, ...]) -> tuple[T, ...] | None:
+        """The full per-vCPU table once every part is in, else None."""
         if self._key != (key, nr, parts):
             self._key, self._got = (key, nr, parts), {}
         self._got[part] = items
         if len(self._got) < parts:
             return None
-        merged = [item for p in sorted(self._got) for item in self._got[p]]
+        table = [self._default(vcpu=i) for i in range(nr)]
+        for entry in (item for p in sorted(self._got) for item in self._got[p]):
+            table[entry.vcpu] = entry  # type: ignore[attr-defined]
         self._key, self._got = None, {}
-        return merged
+        return tuple(table)
 
 
 _DOWN, _NEGOTIATING, _UP, _REFUSED = (LinkState.DOWN, LinkState.NEGOTIATING, LinkState.UP,
@@ -187,6 +183,11 @@ class Connection:
     def _reply(self, msg: object) -> None:
         self._out += encode_message(msg)  # type: ignore[arg-type]
 
+    def _wrong_size(self, reason: str) -> list:
+        """A table for another number of vCPUs than the hello said: dropped, counted."""
+        self.counters.bad_lines += 1
+        return [BadLine(reason, "wrong-size")]
+
     def receive_data(self, data: bytes) -> list:
         events: list = []
         resets = self._framer.resets
@@ -244,7 +245,7 @@ class GuestConnection(Connection):
         self.host_epoch = 0
         self.refusal = ""
         self.refused_by: int | None = None  # epoch of the host that refused us
-        self._capacity: _Assembler[VcpuCapacity] = _Assembler()
+        self._capacity: _Assembler[VcpuCapacity] = _Assembler(VcpuCapacity)
 
     def resync(self) -> None:
         super().resync()
@@ -287,14 +288,11 @@ class GuestConnection(Connection):
             return [msg]
         if isinstance(msg, CapacityPart):
             if msg.nr_vcpus != self.hello.nr_vcpus:
-                self.counters.bad_lines += 1
-                return [BadLine(f"capacity table for {msg.nr_vcpus} vCPUs; this guest has "
-                                f"{self.hello.nr_vcpus}", "wrong-size")]
-            table = self._capacity.add(msg.seq, msg.nr_vcpus, msg.part, msg.parts,
-                                       msg.capacities)
-            if table is None:
-                return []
-            return [Capacity(msg.seq, _complete(table, msg.nr_vcpus, VcpuCapacity))]
+                return self._wrong_size(f"capacity table for {msg.nr_vcpus} vCPUs; this guest "
+                                        f"has {self.hello.nr_vcpus}")
+            capacities = self._capacity.add(msg.seq, msg.nr_vcpus, msg.part, msg.parts,
+                                            msg.capacities)
+            return [] if capacities is None else [Capacity(msg.seq, capacities)]
         if isinstance(msg, (Ack, Heartbeat, Error)):
             return [msg]
         self.counters.unknown += 1  # a host-only message sent to us
@@ -313,7 +311,7 @@ class HostConnection(Connection):
         self.epoch = epoch
         self.features = Feature.NONE
         self.hello: Hello | None = None
-        self._hints: _Assembler[VcpuHint] = _Assembler()
+        self._hints: _Assembler[VcpuHint] = _Assembler(VcpuHint)
 
     def _on_peer_sync(self) -> None:
         self.state = _NEGOTIATING  # the guest will say hello again
@@ -333,14 +331,10 @@ class HostConnection(Connection):
                 self.counters.stale += 1
                 return []
             if msg.nr_vcpus != self.hello.nr_vcpus:
-                self.counters.bad_lines += 1
-                return [BadLine(f"hint table for {msg.nr_vcpus} vCPUs; the guest said "
-                                f"{self.hello.nr_vcpus}", "wrong-size")]
-            table = self._hints.add(msg.generation, msg.nr_vcpus, msg.part, msg.parts,
-                                    msg.hints)
-            if table is None:
-                return []
-            return [Hints(msg.generation, _complete(table, msg.nr_vcpus, VcpuHint))]
+                return self._wrong_size(f"hint table for {msg.nr_vcpus} vCPUs; the guest said "
+                                        f"{self.hello.nr_vcpus}")
+            hints = self._hints.add(msg.generation, msg.nr_vcpus, msg.part, msg.parts, msg.hints)
+            return [] if hints is None else [Hints(msg.generation, hints)]
         if isinstance(msg, (Heartbeat, Error)):
             return [msg]
         self.counters.unknown += 1
