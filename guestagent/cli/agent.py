@@ -204,13 +204,18 @@ def cmd_config_dump(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    def common(p: argparse.ArgumentParser, json_too: bool = True) -> None:
+    def client(name: str, func, help: str, description: str | None = None,
+               json_too: bool = True) -> argparse.ArgumentParser:
+        """A subcommand that asks the running agent, through its control socket."""
+        p = sub.add_parser(name, help=help, description=description)
         p.add_argument("--config", metavar="FILE",
                        help=f"configuration file (default {DEFAULT_PATH})")
         p.add_argument("--socket", metavar="PATH",
                        help="control socket (default: from the configuration)")
         if json_too:
             p.add_argument("--json", action="store_true", help="print JSON")
+        p.set_defaults(func=func)
+        return p
 
     p = sub.add_parser("run", help="run the agent in the foreground (the daemon)",
                        description="Observe the guest, publish hints to the host, "
@@ -223,34 +228,21 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="override [agent] log_level")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("status", help="the running agent's state")
-    common(p)
-    p.set_defaults(func=cmd_status)
-
-    p = sub.add_parser("hints", help="the hints per vCPU, with their reasons",
-                       description="The hints the running agent publishes; without a "
-                       "running agent, computed once from the live system.")
-    common(p)
-    p.set_defaults(func=cmd_hints)
-
-    p = sub.add_parser("capacity", help="the capacity the host reports per vCPU")
-    common(p)
-    p.set_defaults(func=cmd_capacity)
-
-    p = sub.add_parser("watch", help="a live view of status, hints and capacity",
-                       description="On a terminal: redraws in place, fitted to its size, "
-                       "with the time and what changed since the last refresh; q quits. "
-                       "Otherwise one plain block per refresh. Waits for an agent that "
-                       "stops answering (a restart). --json: one line per refresh.")
-    common(p)
+    client("status", cmd_status, "the running agent's state")
+    client("hints", cmd_hints, "the hints per vCPU, with their reasons",
+           "The hints the running agent publishes; without a running agent, computed once "
+           "from the live system.")
+    client("capacity", cmd_capacity, "the capacity the host reports per vCPU")
+    p = client("watch", cmd_watch, "a live view of status, hints and capacity",
+               "On a terminal: redraws in place, fitted to its size, with the time and what "
+               "changed since the last refresh; q quits. Otherwise one plain block per "
+               "refresh. Waits for an agent that stops answering (a restart). --json: one "
+               "line per refresh.")
     p.add_argument("--interval", type=seconds(0.1), default=1.0, metavar="SECONDS",
                    help="refresh period (default 1, at least 0.1)")
     p.add_argument("--count", type=positive_int, metavar="N", help="stop after N refreshes")
-    p.set_defaults(func=cmd_watch)
-
-    p = sub.add_parser("reload", help="make the running agent re-read its configuration")
-    common(p, json_too=False)
-    p.set_defaults(func=cmd_reload)
+    client("reload", cmd_reload, "make the running agent re-read its configuration",
+           json_too=False)
 
     p = sub.add_parser("config", help="check or show the configuration")
     csub = p.add_subparsers(dest="config_command", metavar="ACTION")

@@ -27,21 +27,19 @@ def seconds(minimum: float, allow_zero: bool = False) -> Callable[[str], float]:
     return parse
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected 1 or more")
-    return value
+def whole_number(noun: str, minimum: int, too_small: str) -> Callable[[str], int]:
+    """An integer of at least minimum; `noun` and `too_small` word the two errors."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r}: {too_small}")
+        return value
+    return parse
 
 
-def cpu_number(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a CPU number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: CPU numbers start at 0")
-    return value
+positive_int = whole_number("a whole number", 1, "expected 1 or more")
+cpu_number = whole_number("a CPU number", 0, "CPU numbers start at 0")

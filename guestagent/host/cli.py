@@ -63,6 +63,18 @@ def check_against_vm(limits, vcpus: Sequence[int], online: frozenset[int]) -> No
                                   f"{format_cpulist(online)}")
 
 
+def _applying_options(p: argparse.ArgumentParser, touches: str, who: str,
+                      recorded: str) -> None:
+    """--dry-run, --status-socket and --state-dir: what run and serve, which change
+    threads, both take."""
+    p.add_argument("--dry-run", action="store_true",
+                   help=f"log what would change; touch no {touches}")
+    p.add_argument("--status-socket", metavar="PATH", default=DEFAULT_STATUS_SOCKET,
+                   help=f"where `status` finds {who} (default {DEFAULT_STATUS_SOCKET})")
+    p.add_argument("--state-dir", metavar="DIR", default=DEFAULT_STATE_DIR,
+                   help=f"where {recorded} (default {DEFAULT_STATE_DIR})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="guestagent-host",
@@ -87,13 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="listen on the --channel socket (QEMU chardev with server=off) "
                           "instead of connecting to QEMU's")
     run.add_argument("--config", metavar="FILE", help="host limits (TOML); defaults if omitted")
-    run.add_argument("--dry-run", action="store_true",
-                     help="log what would change; touch no thread")
-    run.add_argument("--status-socket", metavar="PATH", default=DEFAULT_STATUS_SOCKET,
-                     help=f"where `status` finds this peer (default {DEFAULT_STATUS_SOCKET})")
-    run.add_argument("--state-dir", metavar="DIR", default=DEFAULT_STATE_DIR,
-                     help="where the originals of changed threads are recorded, so they can "
-                          f"be restored after a crash (default {DEFAULT_STATE_DIR})")
+    _applying_options(run, "thread", "this peer", "the originals of changed threads are "
+                      "recorded, so they can be restored after a crash")
     run.add_argument("--contend", metavar="VCPU[=CAPACITY]", type=_contend, action="append",
                      default=[], help="report VCPU's capacity as CAPACITY (default "
                                       f"{CONTEND_DEFAULT}) whatever the host load; repeatable")
@@ -110,13 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", metavar="FILE",
                        help="per-VM limits and a [host] table (TOML; default "
                             f"{DEFAULT_SERVICE_CONFIG} if it exists, else built-in defaults)")
-    serve.add_argument("--dry-run", action="store_true",
-                       help="log what would change; touch no thread or cgroup")
-    serve.add_argument("--status-socket", metavar="PATH", default=DEFAULT_STATUS_SOCKET,
-                       help=f"where `status` finds the service (default {DEFAULT_STATUS_SOCKET})")
-    serve.add_argument("--state-dir", metavar="DIR", default=DEFAULT_STATE_DIR,
-                       help="where originals of changed threads and cgroups are recorded "
-                            f"(default {DEFAULT_STATE_DIR})")
+    _applying_options(serve, "thread or cgroup", "the service",
+                      "originals of changed threads and cgroups are recorded")
     serve.add_argument("-v", "--verbose", action="store_true", help="log every change")
     serve.set_defaults(func=cmd_serve)
 
@@ -193,11 +195,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         applier.restore_all()  # also when attaching the link failed
         if status is not None:
-            status.close()
-            try:
-                os.unlink(args.status_socket)
-            except OSError:
-                pass
+            status.close()  # removes the socket file, if it is still ours
 
 
 def online_cpus() -> frozenset[int]:
