@@ -6,36 +6,48 @@
     accel = "tcg"                      # optional; else asked of QEMU (query-kvm)
 
 `pid = N` or `pidfile = "PATH"` may stand in for `qmp` (vCPU threads are then
-found by their names). A file with an unknown key or a wrong type is skipped
-with a one-line error naming it; the others are served. Parsing is pure;
-scan() reads the directory.
+found by their names). The keys are a KeySpec schema, checked as the other
+configs are: a file with an unknown key or a wrong type is skipped with one
+line, `file:line: what`; the others are served. Parsing is pure; scan() reads
+the directory.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import sys
-from collections.abc import Mapping
 from typing import Any
 
+from guestagent.errors import ConfigError
 from guestagent.host.libvirt import ScanResult
 from guestagent.host.vms import VmDescription
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.9/3.10 only
-    import tomli as tomllib
+from guestagent.linux.schema import KeyLines, KeySpec, check_table, parse_document
 
 DROPIN_DIR = "/etc/guestagent-host/vms.d"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 MAX_DROPIN_SIZE = 1 << 16
-KEYS = {"qmp": str, "pid": int, "pidfile": str, "channel": str, "region": str,
-        "listen": bool, "accel": str}
+
+SCHEMA: tuple[KeySpec, ...] = (
+    KeySpec("", "qmp", "str", None, "QEMU's QMP unix socket: its pid and vCPU threads.",
+            nonempty=True),
+    KeySpec("", "pid", "int", None, "QEMU's pid, instead of qmp: vCPU threads are found by "
+            "their names.", 1),
+    KeySpec("", "pidfile", "str", None, "A file holding QEMU's pid, instead of qmp.",
+            nonempty=True),
+    KeySpec("", "channel", "str", None, "Unix socket of the VM's org.guestagent.hints.0 "
+            "virtio-serial chardev.", nonempty=True),
+    KeySpec("", "region", "str", None, "Backing file of the VM's ivshmem-plain region, "
+            "instead of channel.", nonempty=True),
+    KeySpec("", "listen", "bool", False, "true: the chardev is server=off and the service "
+            "listens on channel."),
+    KeySpec("", "accel", "choice", None, "The VM's accelerator; if not given, QEMU is asked "
+            "(query-kvm).", choices=("tcg", "kvm")),
+)
+WAYS = ("qmp", "pid", "pidfile")  # how QEMU is found: exactly one
 
 
 class DropinError(ValueError):
-    """A drop-in that cannot be used; str() is one line."""
+    """A drop-in that cannot be used; str() is one line, `file:line: what`."""
 
 
 def _pidfile(path: str) -> int:
@@ -50,36 +62,35 @@ def _pidfile(path: str) -> int:
 def parse_dropin(name: str, text: str, source: str,
                  read_pidfile: Any = _pidfile) -> VmDescription:
     if not NAME.match(name):
-        raise DropinError(f"{name!r} is not a VM name (letters, digits, '_.-', 1-64)")
+        raise DropinError(f"{source}: {name!r} is not a VM name (letters, digits, '_.-', 1-64)")
+    lines = KeyLines(text)
     try:
-        doc: Mapping[str, Any] = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise DropinError(str(err).split(" (at ")[0]) from None
+        doc = check_table(SCHEMA, "", parse_document(text, source), source, lines)
+    except ConfigError as err:
+        raise DropinError(str(err)) from None
+
+    def refuse(key: str, what: str) -> DropinError:
+        return DropinError(f"{source}:{lines.key('', key)}: {what}")
+
     for key, value in doc.items():
-        want = KEYS.get(key)
-        if want is None:
-            raise DropinError(f"{key}: unknown key")
-        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
-            raise DropinError(f"{key}: must be {want.__name__}")
-        if want is str and (not value or "\0" in value):
-            raise DropinError(f"{key}: must be a non-empty path")
+        if isinstance(value, str) and "\0" in value:
+            raise refuse(key, f"{key} must not contain a NUL character")
     if "channel" in doc and "region" in doc:
-        raise DropinError("give channel or region, not both")
+        raise refuse("region", "give channel or region, not both")
     if doc.get("listen") and "channel" not in doc:
-        raise DropinError("listen applies to a channel only")
-    if doc.get("accel", "tcg") not in ("tcg", "kvm"):
-        raise DropinError('accel: must be "tcg" or "kvm"')
-    ways = [k for k in ("qmp", "pid", "pidfile") if k in doc]
+        raise refuse("listen", "listen applies to a channel only")
+    ways = [k for k in WAYS if k in doc]
     if len(ways) != 1:
-        raise DropinError("give exactly one of qmp, pid, pidfile")
+        raise refuse(ways[-1] if ways else "", f"give exactly one of {', '.join(WAYS)}")
     pid = doc.get("pid")
-    if pid is not None and pid <= 0:
-        raise DropinError("pid: must be positive")
     if "pidfile" in doc:
-        pid = read_pidfile(doc["pidfile"])
+        try:
+            pid = read_pidfile(doc["pidfile"])
+        except DropinError as err:
+            raise refuse("pidfile", str(err)) from None
     return VmDescription(
         name=f"dropin:{name}", source=source, pid=pid, channel=doc.get("channel"),
-        channel_listen=bool(doc.get("listen", False)), region=doc.get("region"),
+        channel_listen=doc.get("listen", False), region=doc.get("region"),
         qmp=doc.get("qmp"), accel=doc.get("accel", "unknown"))
 
 
@@ -98,12 +109,12 @@ def scan(directory: str = DROPIN_DIR) -> ScanResult:
             with open(path, "rb") as f:
                 data = f.read(MAX_DROPIN_SIZE + 1)
             if len(data) > MAX_DROPIN_SIZE:
-                raise DropinError(f"larger than {MAX_DROPIN_SIZE} bytes")
+                raise DropinError(f"{path}: larger than {MAX_DROPIN_SIZE} bytes")
             vms.append(parse_dropin(entry[:-len(".toml")], data.decode("utf-8"), path))
         except UnicodeDecodeError:
             errors.append(f"{path}: not UTF-8 text")
         except OSError as err:
             errors.append(f"{path}: {err.strerror or err}")
         except DropinError as err:
-            errors.append(f"{path}: {err}")
+            errors.append(str(err))
     return ScanResult(tuple(vms), tuple(errors))

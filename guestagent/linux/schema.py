@@ -42,7 +42,7 @@ class KeySpec:
     maximum: float | None = None
     choices: tuple[str, ...] = ()
     exclusive_minimum: float | None = None  # the value must be above this
-    nonempty: bool = False  # "path", "list[str]": "" is refused (else "" means off)
+    nonempty: bool = False  # "str", "path", "list[str]": "" is refused (else "" means off)
 
 
 def label(section: str, name: str) -> str:
@@ -71,9 +71,13 @@ def check_value(spec: KeySpec, value: Any, where: str) -> Any:
         if broken:
             raise fail(broken)
         return float(value) if kind == "float" else value
-    if kind in ("str", "path"):
-        if not isinstance(value, str) or (kind == "path" and not _is_path(spec, value)):
-            raise fail(_PATH[spec.nonempty] if kind == "path" else "a string")
+    if kind == "str":
+        if not isinstance(value, str) or (spec.nonempty and not value):
+            raise fail("a non-empty string" if spec.nonempty else "a string")
+        return value
+    if kind == "path":
+        if not isinstance(value, str) or not _is_path(spec, value):
+            raise fail(_PATH[spec.nonempty])
         return value
     if kind == "choice":
         if value not in spec.choices:
