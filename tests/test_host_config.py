@@ -64,3 +64,15 @@ def test_unreadable_file_is_one_line(tmp_path):
     bad.write_bytes(b"\xff\xfe")
     with pytest.raises(ConfigError, match="not UTF-8"):
         load_limits(str(bad))
+
+
+def test_every_schema_key_of_the_host_files_is_documented():
+    from pathlib import Path
+
+    from guestagent.host import dropins, serviceconfig
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "host.md").read_text()
+    for key in SCHEMA + serviceconfig.SCHEMA:
+        assert f"| `{key.name}` |" in doc, key.name
+    for key in dropins.SCHEMA:
+        assert f"{key.name} =" in doc, key.name
