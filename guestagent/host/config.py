@@ -91,12 +91,8 @@ def limits_from(doc: Mapping[str, Any], path: str, lines: KeyLines,
     another reader (the service's [host] table) and are skipped here."""
     own = {key: value for key, value in doc.items() if key not in tables}
     values = check_table(SCHEMA, "", own, path, lines)
-    return replace(HostLimits(), **{key: AS_FIELD.get(key, _same)(value)
+    return replace(HostLimits(), **{key: AS_FIELD[key](value) if key in AS_FIELD else value
                                     for key, value in values.items()})
-
-
-def _same(value: Any) -> Any:
-    return value
 
 
 def parse_limits(text: str, path: str = "<config>") -> HostLimits:

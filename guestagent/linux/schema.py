@@ -113,7 +113,7 @@ _PATH = {False: 'an absolute path or ""', True: "an absolute path"}
 
 
 def _is_path(spec: KeySpec, value: str) -> bool:
-    return value.startswith("/") if value or spec.nonempty else True
+    return value.startswith("/") or (value == "" and not spec.nonempty)
 
 
 def _is_number(value: Any, kind: str) -> bool:
