@@ -44,7 +44,7 @@ def peer(standin):
 
 
 def kernel(tid):
-    return (os.sched_getscheduler(tid), os.sched_getparam(tid).sched_priority,
+    return (os.sched_getscheduler(tid) & 0xFF, os.sched_getparam(tid).sched_priority,
             os.getpriority(os.PRIO_PROCESS, tid), os.sched_getaffinity(tid))
 
 

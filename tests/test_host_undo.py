@@ -254,7 +254,8 @@ def test_applier_records_before_the_first_change_and_forgets_after_restore(stand
     journal = UndoJournal(str(tmp_path), process_id(pid), process_id(os.getpid()))
     applier = ThreadApplier(pid, threads, dry_run=False, log=print, journal=journal)
     fifo = ThreadSettings(os.SCHED_FIFO, 10, before.nice, before.affinity)
-    assert applier.apply(0, fifo) == fifo
+    got = applier.apply(0, fifo)
+    assert (got.policy & 0xFF, got.rt_priority) == (os.SCHED_FIFO, 10)
     record = json.loads(open(journal.path).read())
     assert [(t["vcpu"], t["tid"], t["policy"]) for t in record["threads"]] == [
         (0, t0, os.SCHED_OTHER)]

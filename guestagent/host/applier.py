@@ -20,7 +20,7 @@ from guestagent.errors import GuestagentError
 from guestagent.host.discovery import VcpuThread, thread_start_time
 from guestagent.host.settings import ThreadSettings
 from guestagent.host.undo import ProcessId
-from guestagent.sched import POLICY_MASK
+from guestagent.sched import POLICY_MASK, SCHED_RESET_ON_FORK
 
 if TYPE_CHECKING:  # statefile imports this module for read/write_settings
     from guestagent.host.statefile import UndoJournal
@@ -35,6 +35,21 @@ def read_settings(tid: int) -> ThreadSettings:
         nice=os.getpriority(os.PRIO_PROCESS, tid),
         affinity=frozenset(os.sched_getaffinity(tid)),
     )
+
+
+def resetting_on_fork(original: ThreadSettings, settings: ThreadSettings) -> ThreadSettings:
+    """`settings` with SCHED_RESET_ON_FORK when they make RT a thread that was not: a
+    boosted QEMU thread (the main loop above all) creates threads, which must start at
+    SCHED_OTHER rather than inherit a boost nobody takes back (and keep its RT cgroup
+    busy). Otherwise the original's flag is kept: the operator's choice."""
+    def bare(s: ThreadSettings) -> ThreadSettings:
+        return replace(s, policy=s.policy & POLICY_MASK)
+
+    if bare(settings) == bare(original):
+        return original
+    flag = (SCHED_RESET_ON_FORK if settings.is_rt and not original.is_rt
+            else original.policy & SCHED_RESET_ON_FORK)
+    return replace(settings, policy=(settings.policy & POLICY_MASK) | flag)
 
 
 def write_settings(tid: int, old: ThreadSettings, new: ThreadSettings) -> None:
@@ -84,6 +99,7 @@ class ThreadApplier:
     def apply(self, vcpu: int, settings: ThreadSettings) -> ThreadSettings | None:
         """Apply and return the state read back, or None if the thread is gone or refused."""
         old = self.current[vcpu]
+        settings = resetting_on_fork(self.originals[vcpu], settings)
         if settings == old:
             return old
         if not self._alive(vcpu):

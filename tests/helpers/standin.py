@@ -104,8 +104,9 @@ class Standin:
 
 
 def policy(tid: int) -> tuple[int, int]:
-    """A thread's scheduling policy and RT priority, read back from the kernel."""
-    return os.sched_getscheduler(tid), os.sched_getparam(tid).sched_priority
+    """A thread's scheduling policy (without the SCHED_RESET_ON_FORK flag, which the host
+    sets on what it boosts) and RT priority, read back from the kernel."""
+    return os.sched_getscheduler(tid) & 0xFF, os.sched_getparam(tid).sched_priority
 
 
 def seconds_until_reverted(tid: int, limit: float = 3.0) -> float:

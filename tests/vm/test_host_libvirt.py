@@ -36,7 +36,7 @@ RT_TASK = ["taskset", "-c", "1", "chrt", "-f", "50", "sleep", "900"]
 
 def policy(tid: int) -> tuple[int, int]:
     try:
-        return os.sched_getscheduler(tid), os.sched_getparam(tid).sched_priority
+        return os.sched_getscheduler(tid) & 0xFF, os.sched_getparam(tid).sched_priority
     except OSError:
         return (-1, -1)
 
