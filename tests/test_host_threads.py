@@ -15,7 +15,7 @@ import time
 from dataclasses import replace
 
 import pytest
-from helpers.standin import Standin
+from helpers.standin import MainLoopThread, Standin
 
 from guestagent.errors import GuestagentError
 from guestagent.host.applier import ThreadApplier, read_settings, resetting_on_fork
@@ -130,52 +130,12 @@ def test_apply_boost_and_restore_read_back_from_kernel(standin):
     assert not logs
 
 
-class Spawner:
-    """A real thread that, when told, creates a thread and reports that thread's policy
-    and nice, as QEMU's main loop creates worker threads while it runs."""
-
-    def __init__(self) -> None:
-        self.go = threading.Event()
-        self.done = threading.Event()
-        self.stop = threading.Event()
-        self.child: tuple[int, int, int] | None = None
-        ready = threading.Event()
-
-        def child() -> None:
-            tid = threading.get_native_id()
-            self.child = (os.sched_getscheduler(tid), os.sched_getparam(tid).sched_priority,
-                          os.getpriority(os.PRIO_PROCESS, tid))
-
-        def body() -> None:
-            self.tid = threading.get_native_id()
-            ready.set()
-            self.go.wait(30)
-            t = threading.Thread(target=child)
-            t.start()
-            t.join(30)
-            self.done.set()
-            self.stop.wait(30)
-
-        self.thread = threading.Thread(target=body, daemon=True)
-        self.thread.start()
-        ready.wait(30)
-
-    def spawn(self) -> tuple[int, int, int] | None:
-        self.go.set()
-        self.done.wait(30)
-        return self.child
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(30)
-
-
 @pytest.mark.parametrize("original_nice", [0, -5])
 def test_threads_created_by_a_boosted_thread_start_unboosted(original_nice):
     # QEMU's main loop, boosted with the emulator thread, creates worker threads (the
     # thread pool, 9p, block IO): they must not inherit FIFO, which nothing would take
     # back and which keeps the RT cgroup busy when its runtime is given back.
-    s = Spawner()
+    s = MainLoopThread()
     if original_nice:
         os.setpriority(os.PRIO_PROCESS, s.tid, original_nice)
     thread = VcpuThread(EMULATOR, s.tid, thread_start_time(os.getpid(), s.tid))

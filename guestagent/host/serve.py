@@ -238,13 +238,16 @@ def metrics_text(service: HostService) -> str:
 # --- the loop ----------------------------------------------------------------------------
 
 
-def restore_cgroup_leftovers(state_dir: str, log: HostLog) -> None:
-    """A killed service's cgroup grants, put back before anything else."""
+def restore_cgroup_leftovers(state_dir: str, log: HostLog) -> dict[str, int]:
+    """A killed service's cgroup grants, put back before anything else. Returns the
+    originals the kernel would not take back yet (a real-time thread is still in the
+    cgroup); they stay in the journal, for the next service to adopt or the next
+    `restore` to retry."""
     from guestagent.host.cgroup import JOURNAL_NAME
 
     path = os.path.join(state_dir, JOURNAL_NAME)
     if not os.path.exists(path):
-        return
+        return {}
     fs = CgroupFs.find()
     try:
         with open(path, "rb") as f:
@@ -254,10 +257,18 @@ def restore_cgroup_leftovers(state_dir: str, log: HostLog) -> None:
     if process_id(record.owner.pid) == record.owner:
         raise GuestagentError(f"{path}: in use by the running guestagent-host pid "
                               f"{record.owner.pid}")
-    if fs is not None:
-        for line in restore_record(fs, record):
-            log(line, NOTICE)
-    os.unlink(path)
+    if fs is None:
+        os.unlink(path)
+        return {}
+    result = restore_record(fs, record)
+    for line in result.lines:
+        log(line, WARNING if "cannot" in line else NOTICE)
+    left = {c: v for c, v in record.originals.items() if c in result.failed}
+    if left:
+        log(f"{path}: kept: {len(left)} cgroup runtimes could not be restored yet", WARNING)
+    else:
+        os.unlink(path)
+    return left
 
 
 def serve(opts: ServeOptions, restore_before_attach: Any) -> int:
@@ -266,6 +277,7 @@ def serve(opts: ServeOptions, restore_before_attach: Any) -> int:
     me = process_id(os.getpid())
     cgroups = CgroupFs.find()
     granter = None
+    inherited: dict[str, int] = {}
     if not opts.dry_run:
         # What a killed service left: every VM's threads, then the cgroup runtimes (the
         # kernel refuses to take RT runtime from a cgroup with an RT thread in it).
@@ -273,9 +285,9 @@ def serve(opts: ServeOptions, restore_before_attach: Any) -> int:
         for outcome in restore_leftovers(opts.state_dir, False):
             for line in outcome.lines:
                 log(line, NOTICE if outcome.result == RESTORED else WARNING)
-        restore_cgroup_leftovers(opts.state_dir, log)
+        inherited = restore_cgroup_leftovers(opts.state_dir, log)
     if cgroups is not None and settings.rt_cgroup_budget_us and not opts.dry_run and me:
-        granter = CgroupGranter(cgroups, CgroupJournal(opts.state_dir, me),
+        granter = CgroupGranter(cgroups, CgroupJournal(opts.state_dir, me, inherited),
                                 settings.rt_cgroup_per_thread_us, settings.rt_cgroup_budget_us)
     pcpus = frozenset(os.sched_getaffinity(0))
     service = HostService(make_attach(opts, log, restore_before_attach), settings.arbiter,
@@ -344,6 +356,11 @@ def serve(opts: ServeOptions, restore_before_attach: Any) -> int:
     finally:
         notifier.stopping("restoring threads")
         service.release_all()
+        if inherited and granter is None:  # a predecessor's, not adopted: try it again
+            try:
+                restore_cgroup_leftovers(opts.state_dir, log)
+            except GuestagentError as err:
+                log(str(err), WARNING)
         for w in watches:
             w.close()
         loop.close()

@@ -172,7 +172,7 @@ class HostService:
                     pass
             self.log(f"{name}: {why}; its threads are restored", NOTICE)
         if self.granter is not None and entry.cgroups:
-            for line in self.granter.release(sorted(entry.cgroups)):
+            for line in self.granter.release(name):
                 self.log(line)
         self.budgets = forget_vm(self.budgets, name)
         self.held = frozenset(k for k in self.held if k.vm != name)
@@ -283,9 +283,11 @@ class HostService:
             cg = self._cgroup_of(e, index)
             if cg is None or cg in e.cgroups:
                 continue
-            if trap(cg, self.cgroups.chain_runtimes(cg)) is None:
+            # A cgroup granted for another VM (drop-in QEMUs may share one) is shared: it
+            # is given back when the last VM that needed it goes.
+            if not self.granter.holds(cg) and trap(cg, self.cgroups.chain_runtimes(cg)) is None:
                 continue
-            why = self.granter.grant(cg)
+            why = self.granter.grant(cg, name)
             if why is None:
                 e.cgroups.add(cg)
                 self.log(f"{name}: granted {self.granter.per_thread} µs RT runtime per period "

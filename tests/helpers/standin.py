@@ -149,5 +149,51 @@ def ticking(link: Any) -> Iterator[None]:
         ticker.join()
 
 
+class MainLoopThread:
+    """A real thread that, when told, creates a thread and reports that thread's policy,
+    RT priority and nice, as QEMU's main loop creates worker threads while it runs. The
+    worker stays until close() when `keep` (it then holds its cgroup as it is)."""
+
+    def __init__(self, keep: bool = False) -> None:
+        self.go = threading.Event()
+        self.done = threading.Event()
+        self.stop = threading.Event()
+        self.child: tuple[int, int, int] | None = None
+        ready = threading.Event()
+
+        def child() -> None:
+            tid = threading.get_native_id()
+            self.child_tid = tid
+            self.child = (os.sched_getscheduler(tid), os.sched_getparam(tid).sched_priority,
+                          os.getpriority(os.PRIO_PROCESS, tid))
+            if keep:
+                self.stop.wait(30)
+
+        def body() -> None:
+            self.tid = threading.get_native_id()
+            ready.set()
+            self.go.wait(30)
+            t = threading.Thread(target=child)
+            t.start()
+            while self.child is None and t.is_alive():
+                time.sleep(0.001)
+            self.done.set()
+            self.stop.wait(30)
+            t.join(30)
+
+        self.thread = threading.Thread(target=body, daemon=True)
+        self.thread.start()
+        ready.wait(30)
+
+    def spawn(self) -> tuple[int, int, int] | None:
+        self.go.set()
+        self.done.wait(30)
+        return self.child
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(30)
+
+
 if __name__ == "__main__":
     main(sys.argv[1:])
