@@ -232,7 +232,7 @@ def _kver(kernel: str) -> str:
 
 def domain_xml(name: str, kernel: str, initrd: str, init: str, ctl_socket: str,
                channel: str | None, shmem: str | None, console: str,
-               vcpus: int = 2, memory_mib: int = 512) -> str:
+               vcpus: int = 2, memory_mib: int = 512, iothreads: int = 0) -> str:
     devices = [
         f"<serial type='file'><source path={quoteattr(console)}/><target port='0'/></serial>",
         f"<console type='file'><source path={quoteattr(console)}/>"
@@ -254,6 +254,7 @@ def domain_xml(name: str, kernel: str, initrd: str, init: str, ctl_socket: str,
   <name>{name}</name>
   <memory unit='MiB'>{memory_mib}</memory>
   <vcpu>{vcpus}</vcpu>
+  {f"<iothreads>{iothreads}</iothreads>" if iothreads else ""}
   <os>
     <type arch='x86_64' machine='q35'>hvm</type>
     <kernel>{kernel}</kernel>
@@ -278,7 +279,7 @@ class Domain:
     """A transient TCG domain running guest_ctl.py; destroyed, and its shmem removed, on close."""
 
     def __init__(self, channel: bool = True, shmem: bool = False, vcpus: int = 2,
-                 memory_mib: int = 512, prefix: str = "ga-test") -> None:
+                 memory_mib: int = 512, prefix: str = "ga-test", iothreads: int = 0) -> None:
         kernel = find_kernel()
         if kernel is None:
             raise VMError("no readable /boot/vmlinuz-*")
@@ -304,7 +305,7 @@ class Domain:
         with open(self.xml_path, "w") as f:
             f.write(domain_xml(self.name, self.kernel, self.initrd, self.init,
                                self.ctl_socket, self.channel, self.shmem, self.console,
-                               vcpus, memory_mib))
+                               vcpus, memory_mib, iothreads))
         self._ctl: GuestControl | None = None
         self.created = False
 

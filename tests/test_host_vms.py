@@ -102,6 +102,11 @@ def test_dropin_with_pidfile_and_region():
     assert (vm.pid, vm.region, vm.accel) == (77, "/dev/shm/r", "kvm")
 
 
+def test_dropin_names_iothreads_by_their_qemu_ids():
+    vm = parse_dropin("vm3", 'pid = 5\nchannel = "/c"\niothreads = ["io0", "disk-1"]\n', "f")
+    assert vm.iothread_ids == ("io0", "disk-1") and vm.iothreads == ()
+
+
 @pytest.mark.parametrize("name, text, message", [
     ("vm", 'qmp = "/q"\nbogus = 1\n', "bogus: unknown key"),
     ("vm", "qmp = 5\n", "qmp: must be str"),
@@ -113,6 +118,9 @@ def test_dropin_with_pidfile_and_region():
     ("vm", 'qmp = "/q"\nregion = "/r"\nlisten = true\n', "listen applies"),
     ("vm", 'qmp = "/q"\naccel = "hvf"\n', "accel"),
     ("vm", 'qmp = ""\n', "non-empty path"),
+    ("vm", 'qmp = "/q"\niothreads = "io0"\n', "iothreads: must be list"),
+    ("vm", 'qmp = "/q"\niothreads = ["a", "a"]\n', "distinct iothread ids"),
+    ("vm", 'qmp = "/q"\niothreads = ["../x"]\n', "distinct iothread ids"),
     ("vm", "qmp = [\n", "."),  # the parser's own words differ by version
     ("../x", 'qmp = "/q"\n', "not a VM name"),
 ])

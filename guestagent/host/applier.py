@@ -96,6 +96,10 @@ class ThreadApplier:
             self._log(f"vCPU {vcpu} (tid {t.tid}) is gone; leaving it alone")
         return vcpu not in self.gone
 
+    def differs(self, vcpu: int, settings: ThreadSettings) -> bool:
+        """Whether applying `settings` would change the thread (flags as apply() adds them)."""
+        return resetting_on_fork(self.originals[vcpu], settings) != self.current[vcpu]
+
     def apply(self, vcpu: int, settings: ThreadSettings) -> ThreadSettings | None:
         """Apply and return the state read back, or None if the thread is gone or refused."""
         old = self.current[vcpu]

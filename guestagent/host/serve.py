@@ -34,6 +34,7 @@ from guestagent.host.discovery import (
     VcpuThread,
     checked_threads,
     discover,
+    iothread_tids,
     thread_names,
     thread_start_time,
     vcpus_from_names,
@@ -46,6 +47,7 @@ from guestagent.host.serviceconfig import ServiceSettings
 from guestagent.host.statefile import RESTORED, ensure_state_dir, process_id, restore_leftovers
 from guestagent.host.status import answer, status_document
 from guestagent.host.textfile import ThreadMetrics, VmMetrics, render, write_textfile
+from guestagent.host.undo import MAX_IOTHREADS, iothread_index, thread_label
 from guestagent.host.vms import VmDescription
 from guestagent.linux.loop import Loop
 from guestagent.linux.sdnotify import Notifier
@@ -74,6 +76,21 @@ def vcpu_threads(desc: VmDescription) -> tuple[int, dict[int, int]]:
     return desc.pid, vcpus_from_names(thread_names(desc.pid))
 
 
+def iothread_threads(desc: VmDescription, pid: int) -> tuple[VcpuThread, ...]:
+    """The VM's iothreads that are threads of its QEMU (libvirt names their tids; a
+    drop-in names their ids, found by QMP or by QEMU's thread names `IO ID`)."""
+    tids = list(desc.iothreads)
+    if desc.iothread_ids:
+        found = iothread_tids(desc.qmp, pid, desc.iothread_ids)
+        tids += [found[i] for i in desc.iothread_ids if i in found]
+    out = []
+    for n, tid in enumerate(tids[:MAX_IOTHREADS]):
+        start = thread_start_time(pid, tid)
+        if start is not None and tid != pid:
+            out.append(VcpuThread(iothread_index(n), tid, start))
+    return tuple(out)
+
+
 def make_attach(opts: ServeOptions, log: HostLog, restore_before_attach: Any):
     """The service's attach function: threads found and checked, leftovers of a killed
     service restored first, the emulator thread recorded beside the vCPUs."""
@@ -89,7 +106,7 @@ def make_attach(opts: ServeOptions, log: HostLog, restore_before_attach: Any):
         start = thread_start_time(pid, pid)
         if start is None:
             raise GuestagentError(f"QEMU pid {pid} exited")
-        emulator = (VcpuThread(EMULATOR, pid, start),)
+        emulator = (VcpuThread(EMULATOR, pid, start),) + iothread_threads(desc, pid)
         journal = restore_before_attach(opts.state_dir, pid, opts.dry_run,
                                         lambda msg: log(msg))
         applier = ThreadApplier(pid, threads + emulator, opts.dry_run, log, journal)
@@ -160,25 +177,29 @@ def vm_document(name: str, e: VmEntry, service: HostService, now: float) -> dict
         v["clamps"] = e.peer.clamps.get(v["vcpu"], 0)
         v["eperm"] = refused.get(v["vcpu"], 0)
     applier = e.peer.applier
-    if EMULATOR in applier.originals:
-        b = service.budgets.get(ThreadKey(name, EMULATOR))
-        cur = applier.current[EMULATOR]
-        doc["emulator"] = {
-            "tid": applier.pid, "policy": cur.describe().split(" cpus ")[0],
-            "boosted": cur.is_rt and not applier.originals[EMULATOR].is_rt,
-            "verdict": e.verdicts.get(EMULATOR),
+    tids = applier.tids()
+    for index in sorted((i for i in applier.originals if i < 0), reverse=True):
+        b = service.budgets.get(ThreadKey(name, index))
+        cur = applier.current[index]
+        thread = {
+            "tid": tids.get(index), "policy": cur.describe().split(" cpus ")[0],
+            "boosted": cur.is_rt and not applier.originals[index].is_rt,
+            "verdict": e.verdicts.get(index),
             "budget_left": round(b.remaining, 3) if b else service.limits.budget,
             "boosted_seconds": round(b.boosted_seconds, 3) if b else 0.0,
             "budget_exhaustions": b.exhaustions if b else 0,
-            "eperm": refused.get(EMULATOR, 0),
+            "eperm": refused.get(index, 0),
         }
+        if index == EMULATOR:
+            doc["emulator"] = thread
+        else:
+            doc.setdefault("iothreads", []).append({"name": thread_label(index), **thread})
     return doc
 
 
 def service_document(service: HostService, now: float) -> dict[str, Any]:
     lim = service.limits.resolved(service.pcpus)
-    boosted = sorted(f"{k.vm}:{'emulator' if k.index == EMULATOR else k.index}"
-                     for k in service.held)
+    boosted = sorted(f"{k.vm}:{thread_label(k.index)}" for k in service.held)
     return {
         "service": True,
         "limits": {"max_boosted_per_cpu": lim.per_cpu, "max_boosted": lim.host,
@@ -211,6 +232,7 @@ def format_service(doc: Mapping[str, Any]) -> str:
         rows = [(str(v["vcpu"]), v) for v in vm.get("vcpus", [])]
         if vm.get("emulator"):
             rows.append(("emu", vm["emulator"]))
+        rows += [(f"io{t['name'][len('iothread'):]}", t) for t in vm.get("iothreads", [])]
         for label, v in rows:
             lines.append(f"  {label:>4} {v.get('verdict') or '-':<16} "
                          f"{v.get('budget_left', 0):>6.3f}s {v.get('boosted_seconds', 0):>8.1f}s "
@@ -229,7 +251,7 @@ def metrics_text(service: HostService) -> str:
         for index in sorted(e.peer.applier.originals):
             b = service.budgets.get(ThreadKey(name, index))
             threads.append(ThreadMetrics(
-                name, "emulator" if index == EMULATOR else str(index),
+                name, thread_label(index),
                 b.boosted_seconds if b else 0.0, b.exhaustions if b else 0,
                 e.peer.clamps.get(index, 0), e.peer.applier.refused.get(index, 0)))
     return render(threads, vms)

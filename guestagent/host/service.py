@@ -20,7 +20,6 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from guestagent.host.arbiter import (
-    EMULATOR,
     ArbiterLimits,
     Arbitration,
     BoostRequest,
@@ -85,16 +84,23 @@ def withhold(plan: Plan, originals: Mapping[int, ThreadSettings], verdicts: Mapp
 
 
 def boost_requests(name: str, plan: Plan, emulator: str,
-                   emulator_orig: ThreadSettings | None) -> list[BoostRequest]:
-    """What this VM's plan would boost to RT; the emulator thread alongside, by policy."""
+                   companions: Mapping[int, ThreadSettings]) -> list[BoostRequest]:
+    """What this VM's plan would boost to RT; its companions (the emulator thread and
+    the iothreads: index < 0 -> original settings) alongside, by the emulator policy."""
     out = [BoostRequest(ThreadKey(name, v), p.settings.rt_priority, p.settings.affinity)
            for v, p in sorted(plan.vcpus.items())
            if p.applied & AppliedFlag.BOOSTED and p.settings.is_rt]
-    if out and emulator_orig is not None and emulator in ("follow", "always"):
-        # At the VM's highest vCPU priority: its own spinning vCPU must not starve it.
+    if out and emulator in ("follow", "always"):
+        # At the VM's highest vCPU priority: its own spinning vCPU must not starve them.
         top = max(r.priority for r in out)
-        out.append(BoostRequest(ThreadKey(name, EMULATOR), top, emulator_orig.affinity))
+        out += [BoostRequest(ThreadKey(name, i), top, orig.affinity)
+                for i, orig in sorted(companions.items(), reverse=True)]
     return out
+
+
+def companions(peer: HostPeer) -> dict[int, ThreadSettings]:
+    """A served VM's emulator thread and iothreads (index < 0), with their originals."""
+    return {i: s for i, s in peer.applier.originals.items() if i < 0}
 
 
 class HostService:
@@ -197,8 +203,7 @@ class HostService:
                 continue
             plan = e.peer.plan_step(now)
             plans[name] = plan
-            emu = e.peer.applier.originals.get(EMULATOR)
-            requests += boost_requests(name, plan, e.emulator, emu)
+            requests += boost_requests(name, plan, e.emulator, companions(e.peer))
         run_ns: dict[ThreadKey, int] = {}
         for key in {r.key for r in requests} | set(self.budgets):
             entry = self.vms.get(key.vm)
@@ -220,13 +225,12 @@ class HostService:
                 verdicts[index] = Verdict.RT_TRAP
             plan = withhold(plan, e.peer.vcpu_originals, verdicts)
             others: dict[int, ThreadSettings] = {}
-            emu = e.peer.applier.originals.get(EMULATOR)
-            if emu is not None:
-                granted = verdicts.get(EMULATOR) == Verdict.GRANTED
-                req = next((r for r in requests if r.key == ThreadKey(name, EMULATOR)), None)
-                others[EMULATOR] = (replace(emu, policy=os.SCHED_FIFO, rt_priority=req.priority)
-                                    if granted and req is not None
-                                    and verdicts.get(EMULATOR) != Verdict.RT_TRAP else emu)
+            asked = {r.key.index: r for r in requests if r.key.vm == name}
+            for index, orig in companions(e.peer).items():
+                req = asked.get(index)
+                others[index] = (replace(orig, policy=os.SCHED_FIFO, rt_priority=req.priority)
+                                 if req is not None and verdicts.get(index) == Verdict.GRANTED
+                                 else orig)
             e.verdicts = {i: v.value for i, v in verdicts.items()}
             self._grant_rt(name, e, plan, others)
             refused = dict(e.peer.applier.refused)

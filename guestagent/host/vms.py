@@ -26,6 +26,7 @@ class VmDescription:
     qmp: str | None = None  # QMP socket, when we may use it (never libvirt's)
     accel: str = "unknown"  # "tcg", "kvm" or "unknown": decides the emulator default
     iothreads: tuple[int, ...] = ()  # iothread tids to treat like the emulator thread
+    iothread_ids: tuple[str, ...] = ()  # QEMU iothread object ids, when tids are not known
 
     @property
     def served(self) -> bool:

@@ -4,7 +4,9 @@ Run as a script it starts threads named `CPU n/KVM` (as QEMU names its vCPU
 threads) and serves a QMP unix socket answering `query-cpus-fast` with their
 thread ids. It stands in for QEMU, which the end-to-end tests run for real.
     python3 -m tests.helpers.standin QMP_SOCKET NR_VCPUS [spin|sleep] [TCG]
-It prints "ready <pid>" once the threads are named and the socket listens.
+With STANDIN_IOTHREADS=N it also starts N threads named `IO iothreadN` (QEMU's iothread
+names) and answers `query-iothreads`. It prints "ready <pid>" once the threads are
+named and the socket listens.
 """
 
 from __future__ import annotations
@@ -39,6 +41,18 @@ def _vcpu_thread(index: int, accel: str, spin: bool, tids: dict, ready: threadin
             time.sleep(3600)
 
 
+IOTHREADS: dict[int, int] = {}  # iothread n -> tid, when STANDIN_IOTHREADS=N asks for them
+
+
+def _iothread(index: int, ready: threading.Event) -> None:
+    tid = threading.get_native_id()
+    with open(f"/proc/self/task/{tid}/comm", "w") as f:
+        f.write(f"IO iothread{index}")  # as QEMU names them (-name debug-threads=on)
+    IOTHREADS[index] = tid
+    ready.set()
+    time.sleep(3600)
+
+
 def _serve_qmp(conn: socket.socket, tids: dict) -> None:
     with conn, conn.makefile("rwb") as f:
         f.write(b'{"QMP": {"version": {"qemu": {"major": 9}}, "capabilities": []}}\n')
@@ -47,6 +61,9 @@ def _serve_qmp(conn: socket.socket, tids: dict) -> None:
             cmd = json.loads(line).get("execute")
             if cmd == "qmp_capabilities":
                 reply = {"return": {}}
+            elif cmd == "query-iothreads" and os.environ.get("STANDIN_IOTHREADS"):
+                reply = {"return": [{"id": f"iothread{i}", "thread-id": t}
+                                    for i, t in sorted(IOTHREADS.items())]}
             elif cmd == "query-cpus-fast" and tids:
                 f.write(b'{"event": "RESUME", "data": {}}\n')  # events may precede replies
                 reply = {"return": [{"cpu-index": i, "thread-id": t, "target": "x86_64"}
@@ -67,6 +84,10 @@ def main(argv: list[str]) -> None:
         threading.Thread(target=_vcpu_thread, args=(i, accel, spin, tids, ready),
                          daemon=True).start()
         ready.wait()
+    for i in range(int(os.environ.get("STANDIN_IOTHREADS") or 0)):
+        ready = threading.Event()
+        threading.Thread(target=_iothread, args=(i, ready), daemon=True).start()
+        ready.wait()
     # STANDIN_NO_QUERY: act like a QEMU whose query-cpus-fast fails, forcing the name fallback
     served = {} if os.environ.get("STANDIN_NO_QUERY") else tids
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -82,8 +103,9 @@ class Standin:
     """Handle on a running stand-in process, for tests."""
 
     def __init__(self, qmp: str, nr_vcpus: int = 2, mode: str = "sleep",
-                 accel: str = "KVM", no_query: bool = False) -> None:
-        env = dict(os.environ, STANDIN_NO_QUERY="1" if no_query else "")
+                 accel: str = "KVM", no_query: bool = False, iothreads: int = 0) -> None:
+        env = dict(os.environ, STANDIN_NO_QUERY="1" if no_query else "",
+                   STANDIN_IOTHREADS=str(iothreads) if iothreads else "")
         self.qmp = qmp
         self.proc = subprocess.Popen(
             [sys.executable, str(HERE), qmp, str(nr_vcpus), mode, accel],
@@ -92,11 +114,14 @@ class Standin:
         assert line.startswith("ready "), f"stand-in failed to start: {line!r}"
         self.pid = self.proc.pid
         self.tids = {}
+        self.iothreads: dict[str, int] = {}  # iothread id -> tid
         for entry in os.listdir(f"/proc/{self.pid}/task"):
             with open(f"/proc/{self.pid}/task/{entry}/comm") as f:
                 name = f.read().strip()
             if name.startswith("CPU "):
                 self.tids[int(name.split()[1].split("/")[0])] = int(entry)
+            elif name.startswith("IO "):
+                self.iothreads[name[3:]] = int(entry)
 
     def stop(self) -> None:
         self.proc.kill()

@@ -152,7 +152,7 @@ def world(tmp_path_factory) -> Iterator[dict[str, Any]]:
     daemon = Libvirtd()
     doms: list[Domain] = []
     try:
-        chan = Domain(channel=True, shmem=False, prefix="ga-lvt")
+        chan = Domain(channel=True, shmem=False, prefix="ga-lvt", iothreads=1)
         doms.append(chan)
         reg = Domain(channel=False, shmem=True, prefix="ga-lvt")
         doms.append(reg)
@@ -167,8 +167,16 @@ def world(tmp_path_factory) -> Iterator[dict[str, Any]]:
         daemon.close()
 
 
+def iothread_tids(dom: Domain) -> list[int]:
+    """The iothreads libvirt lists in the domain's status file."""
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(dom.status_file).getroot()
+    return [int(el.get("pid")) for el in root.findall("./iothreads/iothread") if el.get("pid")]
+
+
 def _threads(dom: Domain) -> list[int]:
-    return [dom.pid, *vcpu_tids(dom.pid).values()]
+    return [dom.pid, *vcpu_tids(dom.pid).values(), *iothread_tids(dom)]
 
 
 def _all_original(world) -> bool:
@@ -235,11 +243,15 @@ def test_serve_finds_both_domains_refuses_rt_in_the_trap_then_grants_and_restore
             tid = vcpu_tids(d.pid)[1]
             assert wait_for(lambda t=tid: policy(t) == (os.SCHED_FIFO, 10), 120), \
                 svc.log_text()
-            # Under TCG the main loop delivers guest timers: it is boosted alongside.
+            # Under TCG the main loop delivers guest timers: it is boosted alongside, and
+            # so are the iothreads the domain names.
             assert wait_for(lambda p=d.pid: policy(p)[0] == os.SCHED_FIFO, 30), svc.log_text()
+            for io in iothread_tids(d):
+                assert wait_for(lambda t=io: policy(t)[0] == os.SCHED_FIFO, 30), svc.log_text()
             assert any(v > 0 for v in _cgroup_runtimes(d).values())
         vm = svc.vm(chan.name)
         assert vm["cgroups_granted"] and vm["emulator"]["boosted"]
+        assert iothread_tids(chan) and [t["boosted"] for t in vm["iothreads"]] == [True]
         assert "boosted" in vm["vcpus"][1]["applied"]
         assert wait_for(lambda: svc.metrics.exists(), 30)
         assert "guestagent_host_boosted_seconds_total" in svc.metrics.read_text()
@@ -271,38 +283,55 @@ def test_serve_finds_both_domains_refuses_rt_in_the_trap_then_grants_and_restore
 
 
 def test_hostile_guest_stays_inside_the_caps_and_budget(world):
-    """RT spinners on every vCPU make the guest ask FIFO for all of them: never more
-    boosted threads than the caps allow, the priority clamped, and the budget runs out."""
+    """The guest asks FIFO 99 on every vCPU, one of them flapping, with both vCPUs busy:
+    never more boosted vCPUs than its share nor RT threads than the host cap, the priority
+    clamped, and the budget runs out and is said to the guest (BUDGET_SPENT)."""
     doms, guests = world["doms"], world["guests"]
     chan = doms["channel"]
     workdir = world["workdir"] / "hostile"
     workdir.mkdir()
-    svc = Service(workdir, "ga-lvt", "rt_cgroup_budget_us = 400000\n", budget=0.3)
+    before = {n: _cgroup_runtimes(d) for n, d in doms.items()}
+    # A cgroup grant large enough that the budget (RT run time), not the kernel's RT
+    # throttling, is what stops the boosted vCPU.
+    svc = Service(workdir, "ga-lvt", "rt_cgroup_budget_us = 600000\n"
+                                     "rt_cgroup_per_thread_us = 150000\n", budget=0.3)
+    g = guests["channel"]
     try:
         assert wait_for(lambda: _linked(svc, chan.name), 180), svc.log_text()
-        g = guests["channel"]
-        # Busy vCPUs and RT tasks on both of them: the agent asks FIFO on every vCPU. The
-        # tasks pause for a moment now and then: spinning for good they would starve the
-        # guest's own agent (SCHED_OTHER), whose heartbeat keeps the lease.
-        busy = "while :; do i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; sleep 0.02; done"
+        # The RT tasks sleep and the busy loops are SCHED_OTHER: the guest's own agent
+        # keeps its share of both vCPUs and its heartbeat, while the vCPU threads run
+        # flat out on the host whenever they are boosted.
         for cpu in (0, 1):
-            g.tasks.append(chan.spawn(["taskset", "-c", str(cpu), "chrt", "-f", "40",
-                                       "sh", "-c", busy]))
-        deadline = time.monotonic() + 180
-        most = 0
+            g.tasks.append(chan.spawn(["taskset", "-c", str(cpu), "sh", "-c",
+                                       "while :; do :; done"]))
+        g.tasks.append(chan.spawn(["taskset", "-c", "1", "chrt", "-f", "99", "sleep", "900"]))
+        g.tasks.append(chan.spawn(["taskset", "-c", "0", "sh", "-c",
+                                   "while :; do chrt -f 99 sleep 0.3; sleep 0.2; done"]))
+        deadline = time.monotonic() + 240
+        most_vcpus = most_rt = 0
+        asked_99: set[int] = set()
         spent = False
         while time.monotonic() < deadline and not spent:
-            states = [policy(t) for d in doms.values() for t in _threads(d)]
-            rt = [s for s in states if s[0] == os.SCHED_FIFO]
-            most = max(most, len(rt))
-            assert all(p <= 10 for _, p in rt), states  # clamped to max_rt_priority
+            rt = [policy(t) for d in doms.values() for t in _threads(d)
+                  if policy(t)[0] == os.SCHED_FIFO]
+            most_rt = max(most_rt, len(rt))
+            vcpus = [t for t in vcpu_tids(chan.pid).values() if policy(t)[0] == os.SCHED_FIFO]
+            most_vcpus = max(most_vcpus, len(vcpus))
+            assert all(p <= 10 for _, p in rt), rt  # clamped to max_rt_priority
             vm = svc.vm(chan.name) or {}
-            spent = any(v.get("budget_exhaustions", 0) for v in vm.get("vcpus", []))
+            for v in vm.get("vcpus", []):
+                if (v.get("hint") or {}).get("rt_priority") == 99:
+                    asked_99.add(v["vcpu"])
+            spent = any("budget_spent" in v.get("applied", []) for v in vm.get("vcpus", []))
             time.sleep(0.05)
-        # per VM one vCPU (+ its emulator thread); the other VM has no RT work now.
-        assert most <= 2, most
         assert spent, svc.log_text()[-3000:]
+        assert asked_99 == {0, 1}, asked_99  # every vCPU asked FIFO 99
+        assert most_vcpus == 1  # max_boosted_per_vm = 1
+        assert most_rt <= 4  # the host cap: the vCPU, the emulator thread, the iothread
+        vm = svc.vm(chan.name)
+        assert any(v["budget_exhaustions"] >= 1 for v in vm["vcpus"])
     finally:
         g.kill_tasks()
         assert svc.stop() == 0
     assert _all_original(world)
+    assert {n: _cgroup_runtimes(d) for n, d in doms.items()} == before
