@@ -193,11 +193,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         applier.restore_all()  # also when attaching the link failed
         if status is not None:
-            status.close()
-            try:
-                os.unlink(args.status_socket)
-            except OSError:
-                pass
+            status.close()  # removes the socket file, if it is still ours
 
 
 def online_cpus() -> frozenset[int]:

@@ -388,11 +388,7 @@ def serve(opts: ServeOptions, restore_before_attach: Any) -> int:
         loop.close()
         _write_metrics(settings.metrics_textfile, service, log)
         if status is not None:
-            status.close()
-            try:
-                os.unlink(opts.status_socket)
-            except OSError:
-                pass
+            status.close()  # removes the socket file, if it is still ours
     if stop:
         log(f"stopping on {signal.Signals(stop[0]).name}; threads restored", NOTICE)
     return 0
