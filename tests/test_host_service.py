@@ -22,6 +22,7 @@ from guestagent.host.decide import initial_plan
 from guestagent.host.discovery import VcpuThread, discover, thread_start_time
 from guestagent.host.peer import HostPeer
 from guestagent.host.serve import (
+    follow_hotplug,
     format_service,
     iothread_threads,
     metrics_text,
@@ -178,6 +179,42 @@ def test_iothreads_ride_along_with_the_emulator_inside_the_caps_and_are_restored
     assert policy(io0) == (FIFO, 40)
     svc.release_all()
     assert all(policy(t) == OTHER for t in (io0, io1, sa.pid, sa.tids[0]))
+
+
+@pytest.mark.root
+def test_a_hot_plugged_vcpu_is_followed_without_reverting_the_others(vms):
+    # A drop-in VM (its vCPU threads found by name on each rescan) gets a vCPU plugged
+    # while vCPU 0 and the emulator thread are boosted: the service takes the new thread
+    # on in place; vCPU 0 stays boosted throughout, and the new vCPU is served.
+    desc = replace(vms.start("a", nr=1), vcpus=())
+    s = vms.standins["a"]
+    svc = service(vms, per_cpu=2, host=4, per_vm=2, budget=5.0)
+    svc.update({"a": desc})
+    link = vms.links["a"]
+    now = time.monotonic()
+    link.guest(fifo(0, 99), now=now)
+    svc.step(now)
+    assert policy(s.tids[0]) == (FIFO, 40) and policy(s.pid) == (FIFO, 40)
+    peer = svc.vms["a"].peer
+    new = s.hotplug()
+    assert new == 1
+    found = {"a": desc}
+    follow_hotplug(svc, found)
+    svc.update(found)
+    assert svc.vms["a"].peer is peer  # the same peer: nothing released
+    assert policy(s.tids[0]) == (FIFO, 40) and policy(s.pid) == (FIFO, 40)
+    assert peer.applier.tids()[1] == s.tids[1]
+    assert any("following hot-plugged vCPU 1" in line for line in vms.logs), vms.logs
+    link.guest(fifo(0, 99), fifo(1, 99), now=now + 0.2)
+    svc.step(now + 0.2)
+    assert policy(s.tids[1]) == (FIFO, 40) and policy(s.tids[0]) == (FIFO, 40)
+    # A rescan that finds the same threads changes nothing.
+    found = {"a": desc}
+    follow_hotplug(svc, found)
+    svc.update(found)
+    assert svc.vms["a"].peer is peer
+    svc.release_all()
+    assert all(policy(t) == OTHER for t in (s.pid, *s.tids.values()))
 
 
 @pytest.mark.root

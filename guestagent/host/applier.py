@@ -71,19 +71,30 @@ class ThreadApplier:
         self.dry_run = dry_run
         self._log = log
         self._journal = journal
-        self._threads = {t.vcpu: t for t in threads}
+        self._threads: dict[int, VcpuThread] = {}
         self.originals: dict[int, ThreadSettings] = {}
-        for t in threads:
+        self.current: dict[int, ThreadSettings] = {}
+        self.changed: set[int] = set()
+        self.gone: set[int] = set()
+        self.refused: Counter[int] = Counter()  # per thread: changes the kernel refused (EPERM)
+        self.add(threads)
+
+    def add(self, threads: Sequence[VcpuThread]) -> None:
+        """Take on more threads (a hot-plugged vCPU), their originals read now, before
+        any change; threads already held are left as they are."""
+        new = [t for t in threads if t.vcpu not in self._threads]
+        originals = {}
+        for t in new:
             try:
-                self.originals[t.vcpu] = read_settings(t.tid)
+                originals[t.vcpu] = read_settings(t.tid)
             except OSError as err:
                 raise GuestagentError(
                     f"vCPU {t.vcpu} (tid {t.tid}): cannot read scheduler state: "
                     f"{err.strerror or err}") from None
-        self.current: dict[int, ThreadSettings] = dict(self.originals)
-        self.changed: set[int] = set()
-        self.gone: set[int] = set()
-        self.refused: Counter[int] = Counter()  # per thread: changes the kernel refused (EPERM)
+        for t in new:
+            self._threads[t.vcpu] = t
+        self.originals.update(originals)
+        self.current.update(originals)
 
     def tids(self) -> Mapping[int, int]:
         return {v: t.tid for v, t in self._threads.items() if v not in self.gone}

@@ -6,9 +6,9 @@ spent budget, the emulator (main-loop) thread is boosted alongside its VM's
 vCPUs where the policy says so, and each peer applies and publishes
 (finish_step). VMs are found by rescan(): libvirt's status files and the
 drop-ins; a VM that appears is attached, one that goes away is released
-(threads restored, budgets forgotten, cgroup runtimes given back), one whose
-description changed (a vCPU hot-plugged, QEMU restarted) is released and
-attached again. The loop and its IO live in serve.py; this core takes its
+(threads restored, budgets forgotten, cgroup runtimes given back); a vCPU
+hot-plugged into a served VM is taken on in place, and a VM whose description
+changed otherwise (QEMU restarted) is released and attached again. The loop and its IO live in serve.py; this core takes its
 attach function, cgroup granter, clock and log as arguments.
 """
 
@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
+from guestagent.errors import GuestagentError
 from guestagent.host.arbiter import (
     ArbiterLimits,
     Arbitration,
@@ -31,6 +32,7 @@ from guestagent.host.arbiter import (
 )
 from guestagent.host.cgroup import CgroupFs, CgroupGranter, trap
 from guestagent.host.decide import Plan, VcpuPlan
+from guestagent.host.discovery import checked_threads
 from guestagent.host.hostlog import ERR, NOTICE, WARNING
 from guestagent.host.peer import HostPeer
 from guestagent.host.settings import ThreadSettings
@@ -131,6 +133,8 @@ class HostService:
             if line not in self._said:
                 self.log(line, WARNING)
         self._said = set(errors)
+        for name in [n for n in self.vms if n in found and found[n] != self.vms[n].desc]:
+            self._follow_hotplug(self.vms[name], found[name])
         for name in [n for n in self.vms if n not in found or found[n] != self.vms[n].desc]:
             self.release(name, "changed" if name in found else "gone")
         for name, desc in found.items():
@@ -140,6 +144,28 @@ class HostService:
                 self._attach(entry)
             elif entry.peer is None and desc.served:
                 self._attach(entry)  # attaching failed before: QEMU may be ready now
+
+    def _follow_hotplug(self, entry: VmEntry, new: VmDescription) -> None:
+        """A served VM whose only change is more vCPU threads (a hot-plug): its peer takes
+        them on in place, and nothing applied to its other threads is reverted."""
+        peer = entry.peer
+        if peer is None or replace(entry.desc, vcpus=(), pid=None) != replace(
+                new, vcpus=(), pid=None) or new.pid not in (None, peer.applier.pid):
+            return  # anything else: released and attached again
+        known = {v: t for v, t in peer.applier.tids().items() if v >= 0}
+        now = new.vcpu_tids()
+        if not now or any(now.get(v, t) != t for v, t in known.items()):
+            return  # a thread replaced: QEMU restarted, or so it seems
+        added = {v: t for v, t in now.items() if v not in peer.applier.originals}
+        try:
+            peer.applier.add(checked_threads(peer.applier.pid, added) if added else ())
+        except GuestagentError as err:
+            self.log(f"{new.name}: hot-plugged vCPUs not taken on: {err}", WARNING)
+            return
+        entry.desc = new
+        if added:
+            self.log(f"{new.name}: following hot-plugged vCPU "
+                     + ", ".join(f"{v}:{t}" for v, t in sorted(added.items())), NOTICE)
 
     def _attach(self, entry: VmEntry) -> None:
         desc = entry.desc

@@ -53,6 +53,18 @@ def _iothread(index: int, ready: threading.Event) -> None:
     time.sleep(3600)
 
 
+HOTPLUG: dict = {}  # what main() needs to start a vCPU thread on device_add
+
+
+def _hotplug_vcpu() -> None:
+    """A vCPU thread more, as QEMU starts one on device_add of a CPU."""
+    ready = threading.Event()
+    index = max(HOTPLUG["all"], default=-1) + 1
+    threading.Thread(target=_vcpu_thread, args=(index, HOTPLUG["accel"], HOTPLUG["spin"],
+                                                HOTPLUG["all"], ready), daemon=True).start()
+    ready.wait()
+
+
 def _serve_qmp(conn: socket.socket, tids: dict) -> None:
     with conn, conn.makefile("rwb") as f:
         f.write(b'{"QMP": {"version": {"qemu": {"major": 9}}, "capabilities": []}}\n')
@@ -60,6 +72,9 @@ def _serve_qmp(conn: socket.socket, tids: dict) -> None:
         for line in f:
             cmd = json.loads(line).get("execute")
             if cmd == "qmp_capabilities":
+                reply = {"return": {}}
+            elif cmd == "device_add" and HOTPLUG:
+                _hotplug_vcpu()
                 reply = {"return": {}}
             elif cmd == "query-iothreads" and os.environ.get("STANDIN_IOTHREADS"):
                 reply = {"return": [{"id": f"iothread{i}", "thread-id": t}
@@ -90,6 +105,7 @@ def main(argv: list[str]) -> None:
         ready.wait()
     # STANDIN_NO_QUERY: act like a QEMU whose query-cpus-fast fails, forcing the name fallback
     served = {} if os.environ.get("STANDIN_NO_QUERY") else tids
+    HOTPLUG.update(accel=accel, spin=spin, all=tids)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(path)
     server.listen(4)
@@ -122,6 +138,23 @@ class Standin:
                 self.tids[int(name.split()[1].split("/")[0])] = int(entry)
             elif name.startswith("IO "):
                 self.iothreads[name[3:]] = int(entry)
+
+    def hotplug(self) -> int:
+        """Plug a vCPU (QMP device_add, as for real QEMU): its index, once its thread runs."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s, s.makefile("rwb") as f:
+            s.connect(self.qmp)
+            f.readline()
+            for cmd in ({"execute": "qmp_capabilities"},
+                        {"execute": "device_add", "arguments": {"driver": "qemu64-x86_64-cpu"}}):
+                f.write(json.dumps(cmd).encode() + b"\n")
+                f.flush()
+                assert "return" in json.loads(f.readline()), cmd
+        for entry in os.listdir(f"/proc/{self.pid}/task"):
+            with open(f"/proc/{self.pid}/task/{entry}/comm") as f:
+                name = f.read().strip()
+            if name.startswith("CPU "):
+                self.tids[int(name.split()[1].split("/")[0])] = int(entry)
+        return max(self.tids)
 
     def stop(self) -> None:
         self.proc.kill()
