@@ -34,7 +34,42 @@ from testbed.vm import CTL_PORT, GUEST_CTL, HINTS_PORT, GuestControl, VMError, f
 URI = "qemu:///system"
 STATUS_DIR = "/run/libvirt/qemu"
 GUEST_PYTHON = "/usr/bin/python3"  # readable by libvirt-qemu, unlike a pyenv under /root
+AGENT_CONFIG = """\
+[agent]
+heartbeat_interval_ms = 250
+sweep_interval_ms = 50
+cpu_budget_percent = 10
+[transport]
+mode = "{mode}"
+[control]
+socket = "/run/guestagent-{mode}.sock"
+[policy]
+hold_time_ms = 300
+"""
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _named_threads(pid: int) -> dict[int, str]:
+    out = {}
+    for entry in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{entry}/comm") as f:
+                out[int(entry)] = f.read().strip()
+        except OSError:
+            continue  # exited meanwhile
+    return out
+
+
+def vcpu_tids(pid: int) -> dict[int, int]:
+    """A TCG QEMU's vCPU threads (`CPU n/TCG`): vCPU index -> tid."""
+    return {int(c.split()[1].split("/")[0]): t for t, c in _named_threads(pid).items()
+            if c.startswith("CPU ") and c.endswith("/TCG")}
+
+
+def iothread_tids(pid: int) -> list[int]:
+    """A domain's iothreads (<iothreads>): QEMU names them `IO iothreadN` (not
+    `IO mon_iothread`, its monitor's)."""
+    return sorted(t for t, c in _named_threads(pid).items() if c.startswith("IO iothread"))
 
 
 def missing_components() -> list[str]:
@@ -348,6 +383,14 @@ class Domain:
 
     def spawn(self, argv: Sequence[str]) -> int:
         return int(self.ctl().request("spawn", argv=list(argv))["pid"])
+
+    def start_agent(self, mode: str) -> int:
+        """The guest agent inside, over `mode` ("channel" or "region"), with a fast
+        heartbeat; its pid in the guest."""
+        config = f"/run/agent-{mode}.toml"  # the guest's /tmp is its own tmpfs
+        self.ctl().request("run", argv=["tee", config], timeout_s=30, timeout=60,
+                           input=AGENT_CONFIG.format(mode=mode))
+        return self.spawn([GUEST_PYTHON, "-m", "guestagent", "run", "--config", config])
 
     def signal(self, pid: int, signum: int) -> None:
         self.ctl().request("signal", pid=pid, signum=signum)

@@ -104,7 +104,19 @@ def test_dropin_with_pidfile_and_region():
 
 def test_dropin_names_iothreads_by_their_qemu_ids():
     vm = parse_dropin("vm3", 'pid = 5\nchannel = "/c"\niothreads = ["io0", "disk-1"]\n', "f")
-    assert vm.iothread_ids == ("io0", "disk-1") and vm.iothreads == ()
+    assert vm.iothread_ids == ("io0", "disk-1")
+
+
+def test_libvirt_iothreads_are_named_as_libvirt_names_them_for_qemu():
+    # The status file has no iothread tids: libvirt starts QEMU with
+    # -object iothread,id=iothreadN, which QEMU names "IO iothreadN".
+    assert parse_status(STATUS).iothread_ids == ()
+    counted = STATUS.replace("<vcpu placement='static'>2</vcpu>",
+                             "<vcpu placement='static'>2</vcpu><iothreads>2</iothreads>", 1)
+    assert parse_status(counted).iothread_ids == ("iothread1", "iothread2")
+    listed = counted.replace("<iothreads>2</iothreads>", "<iothreads>2</iothreads><iothreadids>"
+                             "<iothread id='4'/><iothread id='7'/></iothreadids>", 1)
+    assert parse_status(listed).iothread_ids == ("iothread4", "iothread7")
 
 
 @pytest.mark.parametrize("name, text, message", [

@@ -77,12 +77,12 @@ def vcpu_threads(desc: VmDescription) -> tuple[int, dict[int, int]]:
 
 
 def iothread_threads(desc: VmDescription, pid: int) -> tuple[VcpuThread, ...]:
-    """The VM's iothreads that are threads of its QEMU (libvirt names their tids; a
-    drop-in names their ids, found by QMP or by QEMU's thread names `IO ID`)."""
-    tids = list(desc.iothreads)
-    if desc.iothread_ids:
-        found = iothread_tids(desc.qmp, pid, desc.iothread_ids)
-        tids += [found[i] for i in desc.iothread_ids if i in found]
+    """The VM's iothreads (libvirt's and a drop-in's are named by their QEMU object ids),
+    found by QMP or by QEMU's thread names `IO ID`, that are threads of its QEMU."""
+    if not desc.iothread_ids:
+        return ()
+    found = iothread_tids(desc.qmp, pid, desc.iothread_ids)
+    tids = [found[i] for i in desc.iothread_ids if i in found]
     out = []
     for n, tid in enumerate(tids[:MAX_IOTHREADS]):
         start = thread_start_time(pid, tid)

@@ -27,7 +27,7 @@ import pytest
 from helpers.waiting import wait_for
 
 from guestagent.host.cgroup import CgroupFs
-from testbed.libvirt import GUEST_PYTHON, Domain, Libvirtd, missing_components
+from testbed.libvirt import Domain, Libvirtd, iothread_tids, missing_components, vcpu_tids
 
 pytestmark = [pytest.mark.vm, pytest.mark.root]
 
@@ -39,30 +39,6 @@ def policy(tid: int) -> tuple[int, int]:
         return os.sched_getscheduler(tid) & 0xFF, os.sched_getparam(tid).sched_priority
     except OSError:
         return (-1, -1)
-
-
-def vcpu_tids(pid: int) -> dict[int, int]:
-    out = {}
-    for entry in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{entry}/comm") as f:
-            comm = f.read().strip()
-        if comm.startswith("CPU ") and comm.endswith("/TCG"):
-            out[int(comm.split()[1].split("/")[0])] = int(entry)
-    return out
-
-
-AGENT_CONFIG = """\
-[agent]
-heartbeat_interval_ms = 250
-sweep_interval_ms = 50
-cpu_budget_percent = 10
-[transport]
-mode = "{mode}"
-[control]
-socket = "/run/guestagent-{mode}.sock"
-[policy]
-hold_time_ms = 300
-"""
 
 
 class Service:
@@ -125,12 +101,7 @@ class Guest:
     def __init__(self, dom: Domain, mode: str) -> None:
         self.dom = dom
         self.mode = mode
-        # The guest's /tmp is its own tmpfs: write the config from inside.
-        self.config = f"/run/agent-{mode}.toml"
-        dom.ctl().request("run", argv=["tee", self.config], timeout_s=30, timeout=60,
-                          input=AGENT_CONFIG.format(mode=mode))
-        self.agent = dom.spawn([GUEST_PYTHON, "-m", "guestagent", "run", "--config",
-                                self.config])
+        self.agent = dom.start_agent(mode)
         self.tasks: list[int] = []
 
     def rt_task(self) -> None:
@@ -167,16 +138,8 @@ def world(tmp_path_factory) -> Iterator[dict[str, Any]]:
         daemon.close()
 
 
-def iothread_tids(dom: Domain) -> list[int]:
-    """The iothreads libvirt lists in the domain's status file."""
-    import xml.etree.ElementTree as ET
-
-    root = ET.parse(dom.status_file).getroot()
-    return [int(el.get("pid")) for el in root.findall("./iothreads/iothread") if el.get("pid")]
-
-
 def _threads(dom: Domain) -> list[int]:
-    return [dom.pid, *vcpu_tids(dom.pid).values(), *iothread_tids(dom)]
+    return [dom.pid, *vcpu_tids(dom.pid).values(), *iothread_tids(dom.pid)]
 
 
 def _all_original(world) -> bool:
@@ -246,12 +209,12 @@ def test_serve_finds_both_domains_refuses_rt_in_the_trap_then_grants_and_restore
             # Under TCG the main loop delivers guest timers: it is boosted alongside, and
             # so are the iothreads the domain names.
             assert wait_for(lambda p=d.pid: policy(p)[0] == os.SCHED_FIFO, 30), svc.log_text()
-            for io in iothread_tids(d):
+            for io in iothread_tids(d.pid):
                 assert wait_for(lambda t=io: policy(t)[0] == os.SCHED_FIFO, 30), svc.log_text()
             assert any(v > 0 for v in _cgroup_runtimes(d).values())
         vm = svc.vm(chan.name)
         assert vm["cgroups_granted"] and vm["emulator"]["boosted"]
-        assert iothread_tids(chan) and [t["boosted"] for t in vm["iothreads"]] == [True]
+        assert iothread_tids(chan.pid) and [t["boosted"] for t in vm["iothreads"]] == [True]
         assert "boosted" in vm["vcpus"][1]["applied"]
         assert wait_for(lambda: svc.metrics.exists(), 30)
         assert "guestagent_host_boosted_seconds_total" in svc.metrics.read_text()
