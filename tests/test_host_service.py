@@ -9,12 +9,17 @@ against what the kernel reports for those threads.
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
 import time
 from dataclasses import replace
 
 import pytest
 from helpers.scripted import LIMITS, ScriptedLink, fifo
 from helpers.standin import Standin, policy
+from helpers.waiting import wait_for
 
 from guestagent.host.applier import ThreadApplier
 from guestagent.host.arbiter import EMULATOR, ArbiterLimits, Verdict
@@ -30,6 +35,7 @@ from guestagent.host.serve import (
 )
 from guestagent.host.service import HostService, boost_requests, withhold
 from guestagent.host.settings import ThreadSettings
+from guestagent.host.status import fetch
 from guestagent.host.undo import iothread_index
 from guestagent.host.vms import VmDescription
 from guestagent.protocol.model import AppliedFlag
@@ -275,3 +281,40 @@ def test_attach_failure_is_retried_and_does_not_stop_others(vms):
     svc.update({"a": a, "ghost": ghost})  # retried, said once
     assert sum("cannot attach" in line for line in vms.logs) == 1
     svc.release_all()
+
+
+@pytest.mark.root
+def test_serve_pings_the_watchdog_once_per_interval_not_once_per_wake(tmp_path):
+    # Under systemd (Type=notify, WatchdogSec=) the service says READY, then WATCHDOG=1
+    # every half interval. Waking for something else (here: 40 status queries) must not
+    # send one per wake: a notify socket read slowly would fill and block the service.
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(0.2)
+    cfg = tmp_path / "host.toml"
+    cfg.write_text(f'[host]\nlibvirt_status_dir = "{tmp_path / "none"}"\n'
+                   f'dropin_dir = "{tmp_path / "vms.d"}"\nrescan_period = 30.0\n')
+    status = str(tmp_path / "status.sock")
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "20000000"}
+    proc = subprocess.Popen([sys.executable, "-m", "guestagent.host.cli", "serve", "--config",
+                             str(cfg), "--state-dir", str(tmp_path / "state"),
+                             "--status-socket", status], env=env, stderr=subprocess.PIPE)
+    messages: list[str] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                messages.append(notify.recv(4096).decode())
+            except OSError:
+                return
+
+    try:
+        assert wait_for(lambda: drain() or any("READY=1" in m for m in messages), 60)
+        for _ in range(40):
+            assert fetch(status)["service"]
+        drain()
+        assert sum("WATCHDOG=1" in m for m in messages) <= 2, messages
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        notify.close()

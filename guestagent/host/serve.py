@@ -370,10 +370,9 @@ def serve(opts: ServeOptions, restore_before_attach: Any) -> int:
             if not ready:
                 notifier.ready(f"serving {len(service.served())} of {len(service.vms)} VMs")
                 ready = True
-            if watchdog:
+            if watchdog and loop.due("watchdog") is None:  # once per interval, not per wake
                 notifier.watchdog()
-                if loop.due("watchdog") is None:
-                    loop.at("watchdog", now + watchdog)
+                loop.at("watchdog", now + watchdog)
             loop.wait()
     finally:
         notifier.stopping("restoring threads")
