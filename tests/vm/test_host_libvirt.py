@@ -54,7 +54,8 @@ class Service:
         (workdir / "vms.d").mkdir(exist_ok=True)
         cfg = workdir / "host.toml"
         cfg.write_text(f"""\
-heartbeat_period = 0.5
+heartbeat_period = 1.0
+lease_periods = 2.0
 max_rt_priority = 10
 max_boosted = 2
 min_change_interval = 0.05
@@ -63,8 +64,8 @@ capacity_period = 0.5
 libvirt_domains = ["{prefix}-*"]
 dropin_dir = "{workdir / 'vms.d'}"
 metrics_textfile = "{self.metrics}"
-max_boosted_per_cpu = 2
-max_boosted = 4
+max_boosted_per_cpu = 3
+max_boosted = 6
 max_boosted_per_vm = 1
 boost_budget = {budget}
 rescan_period = 1.0
@@ -92,6 +93,13 @@ rescan_period = 1.0
         if self.proc.poll() is None:
             self.proc.send_signal(signum)
         return self.proc.wait(60)
+
+    def close(self) -> None:
+        """After a failure: whatever state it left, undone (as ExecStopPost= would), so
+        that no later test (nor the host) inherits a grant or a boost."""
+        self.stop(signal.SIGKILL)
+        subprocess.run([sys.executable, "-m", "guestagent.host.cli", "restore", "--state-dir",
+                        self.state], capture_output=True, timeout=60)
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -189,7 +197,10 @@ def test_serve_finds_both_domains_refuses_rt_in_the_trap_then_grants_and_restore
         assert any(v["eperm"] >= 1 for v in svc.vm(chan.name)["vcpus"])
         assert _all_original(world)
     finally:
-        assert svc.stop() == 0
+        try:
+            assert svc.stop() == 0
+        finally:
+            svc.close()
     for g in guests.values():
         g.kill_tasks()
 
@@ -212,15 +223,21 @@ def test_serve_finds_both_domains_refuses_rt_in_the_trap_then_grants_and_restore
             for io in iothread_tids(d.pid):
                 assert wait_for(lambda t=io: policy(t)[0] == os.SCHED_FIFO, 30), svc.log_text()
             assert any(v > 0 for v in _cgroup_runtimes(d).values())
-        vm = svc.vm(chan.name)
-        assert vm["cgroups_granted"] and vm["emulator"]["boosted"]
-        assert iothread_tids(chan.pid) and [t["boosted"] for t in vm["iothreads"]] == [True]
-        assert "boosted" in vm["vcpus"][1]["applied"]
+        assert iothread_tids(chan.pid)
+
+        def all_boosted() -> bool:  # a loaded guest may miss a heartbeat: wait for a lease
+            vm = svc.vm(chan.name) or {}
+            return bool(vm.get("cgroups_granted") and (vm.get("emulator") or {}).get("boosted")
+                        and [t["boosted"] for t in vm.get("iothreads", [])] == [True]
+                        and "boosted" in vm["vcpus"][1]["applied"]
+                        and policy(vcpu_tids(chan.pid)[1])[0] == os.SCHED_FIFO)
+
+        assert wait_for(all_boosted, 120), svc.log_text()
         assert wait_for(lambda: svc.metrics.exists(), 30)
         assert "guestagent_host_boosted_seconds_total" in svc.metrics.read_text()
         # SIGKILL: the boosts stay; `guestagent-host restore` undoes threads and cgroups.
         svc.stop(signal.SIGKILL)
-        assert policy(vcpu_tids(chan.pid)[1])[0] == os.SCHED_FIFO
+        assert any(policy(t)[0] == os.SCHED_FIFO for t in _threads(chan))
         out = subprocess.run([sys.executable, "-m", "guestagent.host.cli", "restore",
                               "--state-dir", svc.state], capture_output=True, text=True,
                              timeout=60)
@@ -228,7 +245,7 @@ def test_serve_finds_both_domains_refuses_rt_in_the_trap_then_grants_and_restore
         assert _all_original(world)
         assert {n: _cgroup_runtimes(d) for n, d in doms.items()} == before
     finally:
-        svc.stop(signal.SIGKILL)
+        svc.close()
 
     # A restart serves again; SIGTERM then restores every thread and cgroup.
     workdir = world["workdir"] / "restart"
@@ -238,7 +255,10 @@ def test_serve_finds_both_domains_refuses_rt_in_the_trap_then_grants_and_restore
         tid = vcpu_tids(chan.pid)[1]
         assert wait_for(lambda: policy(tid)[0] == os.SCHED_FIFO, 180), svc.log_text()
     finally:
-        assert svc.stop() == 0
+        try:
+            assert svc.stop() == 0
+        finally:
+            svc.close()
     assert _all_original(world)
     assert {n: _cgroup_runtimes(d) for n, d in doms.items()} == before
     for g in guests.values():
@@ -268,8 +288,9 @@ def test_hostile_guest_stays_inside_the_caps_and_budget(world):
             g.tasks.append(chan.spawn(["taskset", "-c", str(cpu), "sh", "-c",
                                        "while :; do :; done"]))
         g.tasks.append(chan.spawn(["taskset", "-c", "1", "chrt", "-f", "99", "sleep", "900"]))
+        # vCPU 0 flaps: FIFO 99 asked for 1.5 s of every 2.
         g.tasks.append(chan.spawn(["taskset", "-c", "0", "sh", "-c",
-                                   "while :; do chrt -f 99 sleep 0.3; sleep 0.2; done"]))
+                                   "while :; do chrt -f 99 sleep 1.5; sleep 0.5; done"]))
         deadline = time.monotonic() + 240
         most_vcpus = most_rt = 0
         asked_99: set[int] = set()
@@ -290,11 +311,14 @@ def test_hostile_guest_stays_inside_the_caps_and_budget(world):
         assert spent, svc.log_text()[-3000:]
         assert asked_99 == {0, 1}, asked_99  # every vCPU asked FIFO 99
         assert most_vcpus == 1  # max_boosted_per_vm = 1
-        assert most_rt <= 4  # the host cap: the vCPU, the emulator thread, the iothread
+        assert most_rt <= 3  # that vCPU, the emulator thread and the iothread: no more
         vm = svc.vm(chan.name)
         assert any(v["budget_exhaustions"] >= 1 for v in vm["vcpus"])
     finally:
         g.kill_tasks()
-        assert svc.stop() == 0
+        try:
+            assert svc.stop() == 0
+        finally:
+            svc.close()
     assert _all_original(world)
     assert {n: _cgroup_runtimes(d) for n, d in doms.items()} == before
