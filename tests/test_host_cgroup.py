@@ -319,6 +319,21 @@ def test_real_restore_after_a_kill_keeps_what_the_kernel_refuses_and_retries(cgf
 
 
 @pytest.mark.root
+def test_real_restore_leaves_a_parent_only_where_someone_elses_runtime_needs_it(cgfs, tmp_path):
+    fs, top = cgfs
+    leaf = f"{top}/dom/vcpu0"
+    granter = CgroupGranter(fs, CgroupJournal(str(tmp_path), ProcessId(os.getpid(), 1)),
+                            10_000, 50_000)
+    assert granter.grant(leaf, "vm1") is None
+    fs.set_runtime(top, 30_000)  # meanwhile the operator gives a sibling its own runtime
+    fs.set_runtime(f"{top}/other", 20_000)
+    restored = restore_record(fs, granter.journal.record)
+    assert not restored.failed, restored.lines
+    assert (fs.runtime(leaf), fs.runtime(f"{top}/dom"), fs.runtime(top)) == (0, 0, 20_000)
+    fs.set_runtime(f"{top}/other", 0)
+
+
+@pytest.mark.root
 def test_real_cgroup_shared_by_two_vms_is_given_back_by_the_last(cgfs, tmp_path):
     fs, top = cgfs
     leaf = f"{top}/other"  # two drop-in QEMUs started in one cgroup

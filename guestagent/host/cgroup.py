@@ -275,18 +275,21 @@ class Restored:
 def restore_record(fs: CgroupFs, rec: CgroupRecord) -> Restored:
     """Put recorded runtimes back, deepest first; cgroups that are gone are skipped.
 
-    A parent never goes below what its children hold, so one that cannot be lowered
-    (the kernel refuses while a real-time thread is in it) keeps its parents up too:
-    every cgroup left above its original is reported failed and stays recorded."""
+    A parent never goes below what its children hold. One that cannot be lowered (the
+    kernel refuses while a real-time thread is in it) is reported failed and stays
+    recorded, and so do the parents it keeps up; a parent kept up by a child this
+    record does not name (someone else's runtime) is as low as the kernel allows."""
     lines = []
-    failed = set()
+    failed: set[str] = set()
     for node in sorted(rec.originals, key=lambda c: -c.count("/")):
         now = fs.runtime(node)
         if now is None:
             lines.append(f"cgroup {node} is gone; nothing to restore")
             continue
-        want = max(rec.originals[node], sum(max(0, fs.runtime(c) or 0)
-                                            for c in fs.children(node)))
+        children = fs.children(node)
+        want = max(rec.originals[node], sum(max(0, fs.runtime(c) or 0) for c in children))
+        if any(c in failed for c in children):
+            failed.add(node)
         if now != want:
             try:
                 fs.set_runtime(node, want)
@@ -298,9 +301,7 @@ def restore_record(fs: CgroupFs, rec: CgroupRecord) -> Restored:
                     why = "real-time threads are still in it (tids " + ", ".join(
                         map(str, rt[:8])) + (", ..." if len(rt) > 8 else "") + ")"
                 lines.append(f"cgroup {node}: cannot restore {RUNTIME_FILE} {want}: {why}")
-                want = now
-        if want != rec.originals[node]:
-            failed.add(node)
+                failed.add(node)
     return Restored(tuple(lines), frozenset(failed))
 
 
