@@ -102,6 +102,23 @@ def test_dropin_with_pidfile_and_region():
     assert (vm.pid, vm.region, vm.accel) == (77, "/dev/shm/r", "kvm")
 
 
+def test_dropin_names_iothreads_by_their_qemu_ids():
+    vm = parse_dropin("vm3", 'pid = 5\nchannel = "/c"\niothreads = ["io0", "disk-1"]\n', "f")
+    assert vm.iothread_ids == ("io0", "disk-1")
+
+
+def test_libvirt_iothreads_are_named_as_libvirt_names_them_for_qemu():
+    # The status file has no iothread tids: libvirt starts QEMU with
+    # -object iothread,id=iothreadN, which QEMU names "IO iothreadN".
+    assert parse_status(STATUS).iothread_ids == ()
+    counted = STATUS.replace("<vcpu placement='static'>2</vcpu>",
+                             "<vcpu placement='static'>2</vcpu><iothreads>2</iothreads>", 1)
+    assert parse_status(counted).iothread_ids == ("iothread1", "iothread2")
+    listed = counted.replace("<iothreads>2</iothreads>", "<iothreads>2</iothreads><iothreadids>"
+                             "<iothread id='4'/><iothread id='7'/></iothreadids>", 1)
+    assert parse_status(listed).iothread_ids == ("iothread4", "iothread7")
+
+
 @pytest.mark.parametrize("name, text, message", [
     ("vm", 'qmp = "/q"\nbogus = 1\n', "f.toml:2: unknown key bogus"),
     ("vm", "qmp = 5\n", "f.toml:1: qmp must be a non-empty string"),
@@ -114,6 +131,9 @@ def test_dropin_with_pidfile_and_region():
     ("vm", 'qmp = "/q"\naccel = "hvf"\n', "f.toml:2: accel must be one of tcg, kvm"),
     ("vm", 'qmp = ""\n', "f.toml:1: qmp must be a non-empty string"),
     ("vm", 'qmp = "/q\\u0000x"\n', "f.toml:1: qmp must not contain a NUL character"),
+    ("vm", 'qmp = "/q"\niothreads = "io0"\n', "f.toml:2: iothreads must be a list of non-empty strings"),
+    ("vm", 'qmp = "/q"\niothreads = ["a", "a"]\n', "f.toml:2: iothreads must be distinct iothread ids"),
+    ("vm", 'qmp = "/q"\niothreads = ["../x"]\n', "f.toml:2: iothreads must be distinct iothread ids"),
     ("vm", "qmp = [\n", "f.toml:1: "),  # the parser's own words differ by version; not the line
     ("../x", 'qmp = "/q"\n', "f.toml: '../x' is not a VM name"),
 ])

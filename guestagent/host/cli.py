@@ -255,7 +255,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
         # RT runtime from a cgroup while an RT thread is still in it.
         from guestagent.host.hostlog import HostLog
         from guestagent.host.serve import restore_cgroup_leftovers
-        restore_cgroup_leftovers(args.state_dir, HostLog(verbose=True, stream=sys.stdout))
+        left = restore_cgroup_leftovers(args.state_dir, HostLog(verbose=True, stream=sys.stdout))
+    else:
+        left = {}
     for outcome in outcomes:
         bad = outcome.result in (REFUSED, INCOMPLETE)
         for line in outcome.lines:
@@ -263,7 +265,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
                   file=sys.stderr if bad else sys.stdout)
     if not outcomes:
         print(f"no state files in {args.state_dir}")
-    return 1 if any(o.result in (REFUSED, INCOMPLETE) for o in outcomes) else 0
+    return 1 if left or any(o.result in (REFUSED, INCOMPLETE) for o in outcomes) else 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -4,6 +4,8 @@
     channel = "/run/vm1/hints.sock"    # or: region = "/dev/shm/vm1-hints"
     listen = false                     # true: the chardev is server=off, we listen
     accel = "tcg"                      # optional; else asked of QEMU (query-kvm)
+    iothreads = ["iothread0"]          # optional: -object iothread ids, boosted like the
+                                       # emulator thread
 
 `pid = N` or `pidfile = "PATH"` may stand in for `qmp` (vCPU threads are then
 found by their names). The keys are a KeySpec schema, checked as the other
@@ -42,8 +44,11 @@ SCHEMA: tuple[KeySpec, ...] = (
             "listens on channel."),
     KeySpec("", "accel", "choice", None, "The VM's accelerator; if not given, QEMU is asked "
             "(query-kvm).", choices=("tcg", "kvm")),
+    KeySpec("", "iothreads", "list[str]", None, "QEMU ids of the VM's -object iothread "
+            "threads, boosted like the emulator thread.", nonempty=True),
 )
 WAYS = ("qmp", "pid", "pidfile")  # how QEMU is found: exactly one
+MAX_IOTHREADS = 64
 
 
 class DropinError(ValueError):
@@ -75,6 +80,11 @@ def parse_dropin(name: str, text: str, source: str,
     for key, value in doc.items():
         if isinstance(value, str) and "\0" in value:
             raise refuse(key, f"{key} must not contain a NUL character")
+    ids = doc.get("iothreads", [])
+    if len(ids) > MAX_IOTHREADS or len(set(ids)) != len(ids) or not all(
+            NAME.match(i) for i in ids):
+        raise refuse("iothreads", "iothreads must be distinct iothread ids "
+                     f"(letters, digits, '_.-'), at most {MAX_IOTHREADS}")
     if "channel" in doc and "region" in doc:
         raise refuse("region", "give channel or region, not both")
     if doc.get("listen") and "channel" not in doc:
@@ -90,8 +100,8 @@ def parse_dropin(name: str, text: str, source: str,
             raise refuse("pidfile", str(err)) from None
     return VmDescription(
         name=f"dropin:{name}", source=source, pid=pid, channel=doc.get("channel"),
-        channel_listen=doc.get("listen", False), region=doc.get("region"),
-        qmp=doc.get("qmp"), accel=doc.get("accel", "unknown"))
+        channel_listen=bool(doc.get("listen", False)), region=doc.get("region"),
+        qmp=doc.get("qmp"), accel=doc.get("accel", "unknown"), iothread_ids=tuple(ids))
 
 
 def scan(directory: str = DROPIN_DIR) -> ScanResult:
