@@ -41,3 +41,14 @@ def test_watchdog_meant_for_another_process_is_ignored():
                   "WATCHDOG_PID": "1"})
     assert n.watchdog_interval is None
     assert not n.ready("x"), "a vanished socket is not an error"
+
+
+def test_a_notify_socket_nobody_reads_never_blocks_the_sender(tmp_path):
+    # A supervisor that stops reading fills the socket's queue; a blocking send
+    # would then hang the daemon's loop (and with it the watchdog it feeds).
+    path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)
+        n = Notifier({"NOTIFY_SOCKET": path})
+        results = [n.status("x" * 200) for _ in range(5000)]
+        assert results[0] and not results[-1]

@@ -26,12 +26,15 @@ class Notifier:
         return bool(self.address)
 
     def send(self, **fields: str) -> bool:
-        """Send KEY=value lines; False when not under systemd or the socket is gone."""
+        """Send KEY=value lines; False when not under systemd, the socket is gone, or
+        its queue is full. Never blocks: a daemon's loop must not wait on its
+        supervisor (a full queue only costs this one message)."""
         if not self.address:
             return False
         message = "\n".join(f"{k.upper()}={v}" for k, v in fields.items()).encode()
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
+                               | socket.SOCK_NONBLOCK) as s:
                 s.sendto(message, self.address)
         except OSError:
             return False
