@@ -299,6 +299,27 @@ def test_performance_md_names_command_machine_and_plot() -> None:
     assert "30 min" in text and "![latency histograms and thread timeline](performance.png)" \
         in text
     assert text.count("```") % 2 == 0
+    assert "why this length" not in text
+
+
+def test_performance_md_says_why_a_run_has_its_length() -> None:
+    text = performance_md(RunRecord("python3 -m bench.vm_latency --seconds 45", "now",
+                                    ["host: 2 CPUs"], 1200.0, ["a table"], ["t1"], ["r1"],
+                                    [], "performance.png", full=False,
+                                    note="the machine is shared"))
+    assert "- why this length: the machine is shared" in text
+    assert "**This record is of a short run**" in text
+
+
+def test_machine_lines_give_the_load_before_and_after(monkeypatch) -> None:
+    from bench.vm_latency import run
+
+    monkeypatch.setattr(run.os, "getloadavg", lambda: (3.0, 2.5, 2.0))
+    args = argparse.Namespace(load_per_cpu=2)
+    host = run.machine_lines("TCG", args, (0.5, 0.25, 0.125))[0]
+    assert "0.50 / 0.25 / 0.12 before the run" in host, host
+    assert "3.00 / 2.50 / 2.00 after it" in host, host
+    assert f"Linux {os.uname().release}" in host
 
 
 def test_png_is_written(tmp_path) -> None:
