@@ -433,3 +433,19 @@ def test_pinned_moves_threads_and_puts_them_back() -> None:
         assert os.sched_getaffinity(t.tid) == before
     finally:
         t.stop.set()
+
+
+def test_host_load_counters_never_go_back() -> None:
+    """Real workers, sampled as fast as the benchmark can: the work counted only grows.
+    (Workers that packed with struct.pack_into let a sample read a zeroed slot: a window
+    showed negative work/s and the next one too much.)"""
+    from bench.vm_latency.hostload import HostLoad
+
+    with HostLoad([sorted(os.sched_getaffinity(0))[0]], 2) as load:
+        first = prev = load.sample()
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline or prev.work == first.work:
+            sample = load.sample()
+            assert sample.work >= prev.work, (prev, sample)
+            prev = sample
+            assert time.monotonic() < deadline + 60, "the workers did no work in a minute"
