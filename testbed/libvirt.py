@@ -34,7 +34,42 @@ from testbed.vm import CTL_PORT, GUEST_CTL, HINTS_PORT, GuestControl, VMError, f
 URI = "qemu:///system"
 STATUS_DIR = "/run/libvirt/qemu"
 GUEST_PYTHON = "/usr/bin/python3"  # readable by libvirt-qemu, unlike a pyenv under /root
+AGENT_CONFIG = """\
+[agent]
+heartbeat_interval_ms = 250
+sweep_interval_ms = 50
+cpu_budget_percent = 10
+[transport]
+mode = "{mode}"
+[control]
+socket = "/run/guestagent-{mode}.sock"
+[policy]
+hold_time_ms = 300
+"""
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _named_threads(pid: int) -> dict[int, str]:
+    out = {}
+    for entry in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{entry}/comm") as f:
+                out[int(entry)] = f.read().strip()
+        except OSError:
+            continue  # exited meanwhile
+    return out
+
+
+def vcpu_tids(pid: int) -> dict[int, int]:
+    """A TCG QEMU's vCPU threads (`CPU n/TCG`): vCPU index -> tid."""
+    return {int(c.split()[1].split("/")[0]): t for t, c in _named_threads(pid).items()
+            if c.startswith("CPU ") and c.endswith("/TCG")}
+
+
+def iothread_tids(pid: int) -> list[int]:
+    """A domain's iothreads (<iothreads>): QEMU names them `IO iothreadN` (not
+    `IO mon_iothread`, its monitor's)."""
+    return sorted(t for t, c in _named_threads(pid).items() if c.startswith("IO iothread"))
 
 
 def missing_components() -> list[str]:
@@ -232,7 +267,7 @@ def _kver(kernel: str) -> str:
 
 def domain_xml(name: str, kernel: str, initrd: str, init: str, ctl_socket: str,
                channel: str | None, shmem: str | None, console: str,
-               vcpus: int = 2, memory_mib: int = 512) -> str:
+               vcpus: int = 2, memory_mib: int = 512, iothreads: int = 0) -> str:
     devices = [
         f"<serial type='file'><source path={quoteattr(console)}/><target port='0'/></serial>",
         f"<console type='file'><source path={quoteattr(console)}/>"
@@ -254,6 +289,7 @@ def domain_xml(name: str, kernel: str, initrd: str, init: str, ctl_socket: str,
   <name>{name}</name>
   <memory unit='MiB'>{memory_mib}</memory>
   <vcpu>{vcpus}</vcpu>
+  {f"<iothreads>{iothreads}</iothreads>" if iothreads else ""}
   <os>
     <type arch='x86_64' machine='q35'>hvm</type>
     <kernel>{kernel}</kernel>
@@ -278,7 +314,7 @@ class Domain:
     """A transient TCG domain running guest_ctl.py; destroyed, and its shmem removed, on close."""
 
     def __init__(self, channel: bool = True, shmem: bool = False, vcpus: int = 2,
-                 memory_mib: int = 512, prefix: str = "ga-test") -> None:
+                 memory_mib: int = 512, prefix: str = "ga-test", iothreads: int = 0) -> None:
         kernel = find_kernel()
         if kernel is None:
             raise VMError("no readable /boot/vmlinuz-*")
@@ -304,7 +340,7 @@ class Domain:
         with open(self.xml_path, "w") as f:
             f.write(domain_xml(self.name, self.kernel, self.initrd, self.init,
                                self.ctl_socket, self.channel, self.shmem, self.console,
-                               vcpus, memory_mib))
+                               vcpus, memory_mib, iothreads))
         self._ctl: GuestControl | None = None
         self.created = False
 
@@ -347,6 +383,14 @@ class Domain:
 
     def spawn(self, argv: Sequence[str]) -> int:
         return int(self.ctl().request("spawn", argv=list(argv))["pid"])
+
+    def start_agent(self, mode: str) -> int:
+        """The guest agent inside, over `mode` ("channel" or "region"), with a fast
+        heartbeat; its pid in the guest."""
+        config = f"/run/agent-{mode}.toml"  # the guest's /tmp is its own tmpfs
+        self.ctl().request("run", argv=["tee", config], timeout_s=30, timeout=60,
+                           input=AGENT_CONFIG.format(mode=mode))
+        return self.spawn([GUEST_PYTHON, "-m", "guestagent", "run", "--config", config])
 
     def signal(self, pid: int, signum: int) -> None:
         self.ctl().request("signal", pid=pid, signum=signum)

@@ -21,11 +21,19 @@ from guestagent.host.arbiter import EMULATOR, ArbiterLimits, Verdict
 from guestagent.host.decide import initial_plan
 from guestagent.host.discovery import VcpuThread, discover, thread_start_time
 from guestagent.host.peer import HostPeer
-from guestagent.host.serve import format_service, metrics_text, service_document
+from guestagent.host.serve import (
+    follow_hotplug,
+    format_service,
+    iothread_threads,
+    metrics_text,
+    service_document,
+)
 from guestagent.host.service import HostService, boost_requests, withhold
 from guestagent.host.settings import ThreadSettings
+from guestagent.host.undo import iothread_index
 from guestagent.host.vms import VmDescription
 from guestagent.protocol.model import AppliedFlag
+from guestagent.sched import SCHED_RESET_ON_FORK
 
 FIFO = os.SCHED_FIFO
 OTHER = (os.SCHED_OTHER, 0)
@@ -48,10 +56,12 @@ def test_withhold_returns_ungranted_boosts_to_the_original_keeping_a_pin():
     assert out.vcpus[1] == plan.vcpus[1]
     out = withhold(plan, orig, {0: Verdict.HOST_CAP})
     assert not out.vcpus[0].applied & AppliedFlag.BUDGET_SPENT
-    reqs = boost_requests("a", plan, "follow", orig[0])
-    assert [(r.key.index, r.priority) for r in reqs] == [(0, 40), (1, 40), (EMULATOR, 40)]
-    assert [r.key.index for r in boost_requests("a", plan, "never", orig[0])] == [0, 1]
-    assert boost_requests("a", initial_plan(orig), "follow", orig[0]) == []
+    companions = {EMULATOR: orig[0], iothread_index(0): orig[0]}
+    reqs = boost_requests("a", plan, "follow", companions)
+    assert [(r.key.index, r.priority) for r in reqs] == [(0, 40), (1, 40), (EMULATOR, 40),
+                                                         (iothread_index(0), 40)]
+    assert [r.key.index for r in boost_requests("a", plan, "never", companions)] == [0, 1]
+    assert boost_requests("a", initial_plan(orig), "follow", companions) == []
 
 
 class Vms:
@@ -67,16 +77,18 @@ class Vms:
     def log(self, msg, priority=None):
         self.logs.append(msg)
 
-    def start(self, name, nr=2):
-        s = Standin(str(self.tmp_path / f"{name}.qmp"), nr, self.mode)
+    def start(self, name, nr=2, iothreads=0):
+        s = Standin(str(self.tmp_path / f"{name}.qmp"), nr, self.mode, iothreads=iothreads)
         self.standins[name] = s
-        return VmDescription(name, "test", s.pid, channel=f"/nonexistent/{name}", accel="tcg")
+        return VmDescription(name, "test", s.pid, channel=f"/nonexistent/{name}", accel="tcg",
+                             qmp=s.qmp, iothread_ids=tuple(sorted(s.iothreads)))
 
     def attach(self, desc):
         s = self.standins[desc.name]
         pid, threads = discover(s.qmp)
         emu = VcpuThread(EMULATOR, pid, thread_start_time(pid, pid))
-        applier = ThreadApplier(pid, threads + (emu,), dry_run=False, log=self.log)
+        applier = ThreadApplier(pid, threads + (emu,) + iothread_threads(desc, pid),
+                                dry_run=False, log=self.log)
         link = self.links.setdefault(desc.name, ScriptedLink())
         return HostPeer(applier, replace(LIMITS, max_boosted=2), CPUS, link, self.log)
 
@@ -131,6 +143,78 @@ def test_host_cap_holds_across_two_vms_and_the_emulator_rides_along(vms):
     assert policy(sb.tids[0]) == (FIFO, 40) and policy(sb.pid) == (FIFO, 40)
     svc.release_all()
     assert policy(sb.tids[0]) == OTHER and policy(sb.pid) == OTHER
+
+
+@pytest.mark.root
+def test_iothreads_ride_along_with_the_emulator_inside_the_caps_and_are_restored(vms):
+    a = vms.start("a", iothreads=2)
+    sa = vms.standins["a"]
+    io0, io1 = sa.iothreads["iothread0"], sa.iothreads["iothread1"]
+    # Four slots: vCPU 0, the emulator thread and one iothread; the host cap stops the other.
+    svc = service(vms, per_cpu=2, host=3, per_vm=1, budget=5.0)
+    svc.update({"a": a})
+    assert svc.vms["a"].peer.applier.tids()[iothread_index(1)] == io1  # found over QMP
+    now = time.monotonic()
+    vms.links["a"].guest(fifo(0, 99), fifo(1, 99), now=now)
+    svc.step(now)
+    assert policy(sa.tids[0]) == (FIFO, 40) and policy(sa.pid) == (FIFO, 40)
+    assert policy(io0) == (FIFO, 40) and policy(io1) == OTHER
+    assert os.sched_getscheduler(io0) & SCHED_RESET_ON_FORK
+    verdicts = svc.vms["a"].verdicts
+    assert verdicts[iothread_index(0)] == "granted"
+    assert verdicts[iothread_index(1)] == Verdict.HOST_CAP.value
+    doc = service_document(svc, now)
+    assert doc["boosted"] == ["a:0", "a:emulator", "a:iothread0"]
+    ios = doc["vms"][0]["iothreads"]
+    assert [(t["name"], t["tid"], t["boosted"]) for t in ios] == [
+        ("iothread0", io0, True), ("iothread1", io1, False)]
+    assert "io0" in format_service(doc)
+    assert 'thread="iothread0"' in metrics_text(svc)
+    # The guest stops asking: the iothread goes back with the vCPU and the emulator.
+    vms.links["a"].guest(now=now + 0.2)
+    svc.step(now + 0.2)
+    assert policy(io0) == OTHER and policy(sa.pid) == OTHER
+    vms.links["a"].guest(fifo(0, 99), now=now + 0.4)
+    svc.step(now + 0.4)
+    assert policy(io0) == (FIFO, 40)
+    svc.release_all()
+    assert all(policy(t) == OTHER for t in (io0, io1, sa.pid, sa.tids[0]))
+
+
+@pytest.mark.root
+def test_a_hot_plugged_vcpu_is_followed_without_reverting_the_others(vms):
+    # A drop-in VM (its vCPU threads found by name on each rescan) gets a vCPU plugged
+    # while vCPU 0 and the emulator thread are boosted: the service takes the new thread
+    # on in place; vCPU 0 stays boosted throughout, and the new vCPU is served.
+    desc = replace(vms.start("a", nr=1), vcpus=())
+    s = vms.standins["a"]
+    svc = service(vms, per_cpu=2, host=4, per_vm=2, budget=5.0)
+    svc.update({"a": desc})
+    link = vms.links["a"]
+    now = time.monotonic()
+    link.guest(fifo(0, 99), now=now)
+    svc.step(now)
+    assert policy(s.tids[0]) == (FIFO, 40) and policy(s.pid) == (FIFO, 40)
+    peer = svc.vms["a"].peer
+    new = s.hotplug()
+    assert new == 1
+    found = {"a": desc}
+    follow_hotplug(svc, found)
+    svc.update(found)
+    assert svc.vms["a"].peer is peer  # the same peer: nothing released
+    assert policy(s.tids[0]) == (FIFO, 40) and policy(s.pid) == (FIFO, 40)
+    assert peer.applier.tids()[1] == s.tids[1]
+    assert any("following hot-plugged vCPU 1" in line for line in vms.logs), vms.logs
+    link.guest(fifo(0, 99), fifo(1, 99), now=now + 0.2)
+    svc.step(now + 0.2)
+    assert policy(s.tids[1]) == (FIFO, 40) and policy(s.tids[0]) == (FIFO, 40)
+    # A rescan that finds the same threads changes nothing.
+    found = {"a": desc}
+    follow_hotplug(svc, found)
+    svc.update(found)
+    assert svc.vms["a"].peer is peer
+    svc.release_all()
+    assert all(policy(t) == OTHER for t in (s.pid, *s.tids.values()))
 
 
 @pytest.mark.root

@@ -12,12 +12,14 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 
 import pytest
-from helpers.standin import Standin
+from helpers.standin import MainLoopThread, Standin
 
 from guestagent.errors import GuestagentError
-from guestagent.host.applier import ThreadApplier, read_settings
+from guestagent.host.applier import ThreadApplier, read_settings, resetting_on_fork
+from guestagent.host.arbiter import EMULATOR
 from guestagent.host.capacity import (
     Sample,
     ThreadTimes,
@@ -26,10 +28,17 @@ from guestagent.host.capacity import (
     read_sample,
     vcpu_capacity,
 )
-from guestagent.host.discovery import discover, parse_cpus_fast, vcpus_from_names
+from guestagent.host.discovery import (
+    VcpuThread,
+    discover,
+    parse_cpus_fast,
+    thread_start_time,
+    vcpus_from_names,
+)
 from guestagent.host.settings import ThreadSettings
 from guestagent.linux.procfs import CpuTimes, ParseError, parse_proc_stat_times
 from guestagent.protocol.model import AppliedFlag
+from guestagent.sched import SCHED_RESET_ON_FORK
 
 pytestmark = pytest.mark.root
 
@@ -105,8 +114,10 @@ def test_apply_boost_and_restore_read_back_from_kernel(standin):
     before = {t: read_settings(t) for t in (tid0, tid1)}
     boosted = ThreadSettings(os.SCHED_FIFO, 30, 0, frozenset({1}))
     got = applier.apply(0, boosted)
-    assert got == boosted
-    assert os.sched_getscheduler(tid0) == os.SCHED_FIFO
+    # The boost is made with SCHED_RESET_ON_FORK: threads it creates start unboosted.
+    assert got == replace(boosted, policy=os.SCHED_FIFO | SCHED_RESET_ON_FORK)
+    assert os.sched_getscheduler(tid0) == os.SCHED_FIFO | SCHED_RESET_ON_FORK
+    assert applier.apply(0, boosted) == got  # already so: no change, no syscall
     assert os.sched_getparam(tid0).sched_priority == 30
     assert os.sched_getaffinity(tid0) == {1}
     niced = ThreadSettings(os.SCHED_OTHER, 0, 10, before[tid1].affinity)
@@ -117,6 +128,39 @@ def test_apply_boost_and_restore_read_back_from_kernel(standin):
     applier.restore_all()
     assert {t: read_settings(t) for t in (tid0, tid1)} == before
     assert not logs
+
+
+@pytest.mark.parametrize("original_nice", [0, -5])
+def test_threads_created_by_a_boosted_thread_start_unboosted(original_nice):
+    # QEMU's main loop, boosted with the emulator thread, creates worker threads (the
+    # thread pool, 9p, block IO): they must not inherit FIFO, which nothing would take
+    # back and which keeps the RT cgroup busy when its runtime is given back.
+    s = MainLoopThread()
+    if original_nice:
+        os.setpriority(os.PRIO_PROCESS, s.tid, original_nice)
+    thread = VcpuThread(EMULATOR, s.tid, thread_start_time(os.getpid(), s.tid))
+    applier = ThreadApplier(os.getpid(), [thread], dry_run=False, log=print)
+    before = read_settings(s.tid)
+    got = applier.apply(EMULATOR, replace(before, policy=os.SCHED_FIFO, rt_priority=1))
+    try:
+        assert got is not None and got.policy & 0xFF == os.SCHED_FIFO
+        assert s.spawn() == (os.SCHED_OTHER, 0, 0)
+        applier.restore_all()
+        assert read_settings(s.tid) == before
+    finally:
+        applier.restore_all()
+        s.close()
+
+
+def test_an_operators_rt_thread_keeps_its_own_fork_behaviour():
+    # Raising a thread the operator made FIFO (without the flag) keeps it so.
+    original = ThreadSettings(os.SCHED_FIFO, 1, 0, frozenset({0}))
+    raised = resetting_on_fork(original, replace(original, rt_priority=10))
+    assert raised.policy == os.SCHED_FIFO
+    assert resetting_on_fork(ThreadSettings(os.SCHED_OTHER, 0, 0, frozenset({0})),
+                             raised).policy == os.SCHED_FIFO | SCHED_RESET_ON_FORK
+    flagged = replace(original, policy=os.SCHED_FIFO | SCHED_RESET_ON_FORK)
+    assert resetting_on_fork(flagged, replace(original, rt_priority=1)) == flagged
 
 
 def test_dry_run_changes_nothing(standin):

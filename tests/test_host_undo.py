@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 from helpers.hostregion import PERIOD, start_peer, status_of, zeroed_region
@@ -26,6 +27,7 @@ from guestagent.host.settings import ThreadSettings
 from guestagent.host.statefile import UndoJournal, process_id, state_path, write_atomically
 from guestagent.host.undo import (
     GONE,
+    LOWEST_INDEX,
     RECYCLED,
     RESTORE,
     ProcessId,
@@ -34,6 +36,7 @@ from guestagent.host.undo import (
     UndoRecord,
     decode,
     encode,
+    iothread_index,
     judge_thread,
 )
 from guestagent.protocol.model import PeerState, Request, SchedClass, VcpuHint
@@ -254,7 +257,8 @@ def test_applier_records_before_the_first_change_and_forgets_after_restore(stand
     journal = UndoJournal(str(tmp_path), process_id(pid), process_id(os.getpid()))
     applier = ThreadApplier(pid, threads, dry_run=False, log=print, journal=journal)
     fifo = ThreadSettings(os.SCHED_FIFO, 10, before.nice, before.affinity)
-    assert applier.apply(0, fifo) == fifo
+    got = applier.apply(0, fifo)
+    assert (got.policy & 0xFF, got.rt_priority) == (os.SCHED_FIFO, 10)
     record = json.loads(open(journal.path).read())
     assert [(t["vcpu"], t["tid"], t["policy"]) for t in record["threads"]] == [
         (0, t0, os.SCHED_OTHER)]
@@ -272,6 +276,8 @@ def test_decode_refuses_what_encode_never_writes():
     rec = ThreadRecord(0, ProcessId(10, 5), ThreadSettings(os.SCHED_RR, 5, 0, frozenset({1})))
     record = UndoRecord(ProcessId(2, 1), ProcessId(3, 4), (rec,))
     assert decode(encode(record)) == record
+    io = replace(rec, vcpu=iothread_index(1), thread=ProcessId(11, 5))  # an iothread
+    assert decode(encode(replace(record, threads=(rec, io)))).threads[1].vcpu == -3
     doc = json.loads(encode(record))
     bad = [
         ({**doc, "extra": 1}, "unknown key"),
@@ -281,6 +287,7 @@ def test_decode_refuses_what_encode_never_writes():
         ({**doc, "threads": [{**doc["threads"][0], "affinity": []}]}, "affinity"),
         ({**doc, "qemu": [3, 4]}, "qemu: expected an object"),
         ({**doc, "format": "other"}, "format"),
+        ({**doc, "threads": [{**doc["threads"][0], "vcpu": LOWEST_INDEX - 1}]}, "out of range"),
     ]
     for value, message in bad:
         with pytest.raises(StateError, match=message):

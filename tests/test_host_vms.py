@@ -102,6 +102,23 @@ def test_dropin_with_pidfile_and_region():
     assert (vm.pid, vm.region, vm.accel) == (77, "/dev/shm/r", "kvm")
 
 
+def test_dropin_names_iothreads_by_their_qemu_ids():
+    vm = parse_dropin("vm3", 'pid = 5\nchannel = "/c"\niothreads = ["io0", "disk-1"]\n', "f")
+    assert vm.iothread_ids == ("io0", "disk-1")
+
+
+def test_libvirt_iothreads_are_named_as_libvirt_names_them_for_qemu():
+    # The status file has no iothread tids: libvirt starts QEMU with
+    # -object iothread,id=iothreadN, which QEMU names "IO iothreadN".
+    assert parse_status(STATUS).iothread_ids == ()
+    counted = STATUS.replace("<vcpu placement='static'>2</vcpu>",
+                             "<vcpu placement='static'>2</vcpu><iothreads>2</iothreads>", 1)
+    assert parse_status(counted).iothread_ids == ("iothread1", "iothread2")
+    listed = counted.replace("<iothreads>2</iothreads>", "<iothreads>2</iothreads><iothreadids>"
+                             "<iothread id='4'/><iothread id='7'/></iothreadids>", 1)
+    assert parse_status(listed).iothread_ids == ("iothread4", "iothread7")
+
+
 @pytest.mark.parametrize("name, text, message", [
     ("vm", 'qmp = "/q"\nbogus = 1\n', "bogus: unknown key"),
     ("vm", "qmp = 5\n", "qmp: must be str"),
@@ -113,6 +130,9 @@ def test_dropin_with_pidfile_and_region():
     ("vm", 'qmp = "/q"\nregion = "/r"\nlisten = true\n', "listen applies"),
     ("vm", 'qmp = "/q"\naccel = "hvf"\n', "accel"),
     ("vm", 'qmp = ""\n', "non-empty path"),
+    ("vm", 'qmp = "/q"\niothreads = "io0"\n', "iothreads: must be list"),
+    ("vm", 'qmp = "/q"\niothreads = ["a", "a"]\n', "distinct iothread ids"),
+    ("vm", 'qmp = "/q"\niothreads = ["../x"]\n', "distinct iothread ids"),
     ("vm", "qmp = [\n", "."),  # the parser's own words differ by version
     ("../x", 'qmp = "/q"\n', "not a VM name"),
 ])

@@ -20,7 +20,7 @@ from guestagent.errors import GuestagentError
 from guestagent.host.discovery import VcpuThread, thread_start_time
 from guestagent.host.settings import ThreadSettings
 from guestagent.host.undo import ProcessId
-from guestagent.sched import POLICY_MASK
+from guestagent.sched import POLICY_MASK, SCHED_RESET_ON_FORK
 
 if TYPE_CHECKING:  # statefile imports this module for read/write_settings
     from guestagent.host.statefile import UndoJournal
@@ -35,6 +35,21 @@ def read_settings(tid: int) -> ThreadSettings:
         nice=os.getpriority(os.PRIO_PROCESS, tid),
         affinity=frozenset(os.sched_getaffinity(tid)),
     )
+
+
+def resetting_on_fork(original: ThreadSettings, settings: ThreadSettings) -> ThreadSettings:
+    """`settings` with SCHED_RESET_ON_FORK when they make RT a thread that was not: a
+    boosted QEMU thread (the main loop above all) creates threads, which must start at
+    SCHED_OTHER rather than inherit a boost nobody takes back (and keep its RT cgroup
+    busy). Otherwise the original's flag is kept: the operator's choice."""
+    def bare(s: ThreadSettings) -> ThreadSettings:
+        return replace(s, policy=s.policy & POLICY_MASK)
+
+    if bare(settings) == bare(original):
+        return original
+    flag = (SCHED_RESET_ON_FORK if settings.is_rt and not original.is_rt
+            else original.policy & SCHED_RESET_ON_FORK)
+    return replace(settings, policy=(settings.policy & POLICY_MASK) | flag)
 
 
 def write_settings(tid: int, old: ThreadSettings, new: ThreadSettings) -> None:
@@ -56,19 +71,30 @@ class ThreadApplier:
         self.dry_run = dry_run
         self._log = log
         self._journal = journal
-        self._threads = {t.vcpu: t for t in threads}
+        self._threads: dict[int, VcpuThread] = {}
         self.originals: dict[int, ThreadSettings] = {}
-        for t in threads:
+        self.current: dict[int, ThreadSettings] = {}
+        self.changed: set[int] = set()
+        self.gone: set[int] = set()
+        self.refused: Counter[int] = Counter()  # per thread: changes the kernel refused (EPERM)
+        self.add(threads)
+
+    def add(self, threads: Sequence[VcpuThread]) -> None:
+        """Take on more threads (a hot-plugged vCPU), their originals read now, before
+        any change; threads already held are left as they are."""
+        new = [t for t in threads if t.vcpu not in self._threads]
+        originals = {}
+        for t in new:
             try:
-                self.originals[t.vcpu] = read_settings(t.tid)
+                originals[t.vcpu] = read_settings(t.tid)
             except OSError as err:
                 raise GuestagentError(
                     f"vCPU {t.vcpu} (tid {t.tid}): cannot read scheduler state: "
                     f"{err.strerror or err}") from None
-        self.current: dict[int, ThreadSettings] = dict(self.originals)
-        self.changed: set[int] = set()
-        self.gone: set[int] = set()
-        self.refused: Counter[int] = Counter()  # per thread: changes the kernel refused (EPERM)
+        for t in new:
+            self._threads[t.vcpu] = t
+        self.originals.update(originals)
+        self.current.update(originals)
 
     def tids(self) -> Mapping[int, int]:
         return {v: t.tid for v, t in self._threads.items() if v not in self.gone}
@@ -81,9 +107,14 @@ class ThreadApplier:
             self._log(f"vCPU {vcpu} (tid {t.tid}) is gone; leaving it alone")
         return vcpu not in self.gone
 
+    def differs(self, vcpu: int, settings: ThreadSettings) -> bool:
+        """Whether applying `settings` would change the thread (flags as apply() adds them)."""
+        return resetting_on_fork(self.originals[vcpu], settings) != self.current[vcpu]
+
     def apply(self, vcpu: int, settings: ThreadSettings) -> ThreadSettings | None:
         """Apply and return the state read back, or None if the thread is gone or refused."""
         old = self.current[vcpu]
+        settings = resetting_on_fork(self.originals[vcpu], settings)
         if settings == old:
             return old
         if not self._alive(vcpu):

@@ -14,10 +14,10 @@ decided here, over every VM's requests at once:
   is returned to its normal settings until the budget is full again.
 
 Grants held stay ahead of new requests (no VM can take a slot by asking louder),
-then higher RT priority first. A VM's emulator (main-loop) thread is a companion:
-admitted right behind its VM's first granted vCPU (under TCG a vCPU boosted
-without the main loop gains nothing), inside the same caps and its own budget,
-and not counted in the VM's share. Nothing here reads a clock or the kernel: run times and `now` are
+then higher RT priority first. A VM's emulator (main-loop) thread and its
+iothreads are companions: admitted right behind its VM's first granted vCPU
+(under TCG a vCPU boosted without the main loop gains nothing), inside the same
+caps and each with its own budget, and not counted in the VM's share. Nothing here reads a clock or the kernel: run times and `now` are
 passed in.
 """
 
@@ -27,7 +27,7 @@ import enum
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from guestagent.host.undo import EMULATOR  # the thread index of a VM's main-loop thread
+from guestagent.host.undo import EMULATOR, thread_label  # noqa: F401 - EMULATOR re-exported
 
 NS = 1_000_000_000
 
@@ -50,13 +50,15 @@ class ArbiterLimits:
 
 @dataclass(frozen=True, order=True)
 class ThreadKey:
-    """A thread the arbiter accounts: a VM's vCPU index, or EMULATOR."""
+    """A thread the arbiter accounts: a VM's vCPU index (>= 0), or a companion (< 0): the
+    emulator thread (EMULATOR) or an iothread."""
 
     vm: str
     index: int
 
     def describe(self) -> str:
-        return f"{self.vm} " + ("emulator" if self.index == EMULATOR else f"vCPU {self.index}")
+        return f"{self.vm} " + (thread_label(self.index) if self.index < 0
+                                else f"vCPU {self.index}")
 
 
 @dataclass(frozen=True)
@@ -193,14 +195,16 @@ def arbitrate(requests: Sequence[BoostRequest], held: Iterable[ThreadKey],
     placement = _Placement(pcpus, limits.per_cpu)
     per_vm: dict[str, int] = {}
     total = 0
-    vcpus = sorted((r for r in asked.values() if r.key.index != EMULATOR), key=order)
-    emulators = {r.key.vm: r for r in asked.values() if r.key.index == EMULATOR}
+    vcpus = sorted((r for r in asked.values() if r.key.index >= 0), key=order)
+    companions: dict[str, list[BoostRequest]] = {}  # per VM: emulator first, then iothreads
+    for r in sorted((r for r in asked.values() if r.key.index < 0), key=lambda r: -r.key.index):
+        companions.setdefault(r.key.vm, []).append(r)
 
     def admit(r: BoostRequest) -> Verdict:
         key = r.key
         if accounted[key].spent:
             return Verdict.SPENT
-        if key.index != EMULATOR and per_vm.get(key.vm, 0) >= limits.per_vm:
+        if key.index >= 0 and per_vm.get(key.vm, 0) >= limits.per_vm:
             return Verdict.VM_SHARE
         if total >= limits.host:
             return Verdict.HOST_CAP
@@ -214,15 +218,17 @@ def arbitrate(requests: Sequence[BoostRequest], held: Iterable[ThreadKey],
             continue
         total += 1
         per_vm[r.key.vm] = per_vm.get(r.key.vm, 0) + 1
-        emu = emulators.get(r.key.vm)
-        if emu is not None and emu.key not in verdicts:
+        for c in companions.get(r.key.vm, ()):
+            if c.key in verdicts:
+                continue
             # Right behind its VM's first vCPU: under TCG a vCPU boosted without the main
-            # loop buys nothing, so the pair goes ahead of other VMs' vCPUs.
-            verdicts[emu.key] = admit(emu)
-            total += verdicts[emu.key] == Verdict.GRANTED
-    for emu in emulators.values():
-        if emu.key not in verdicts:
-            verdicts[emu.key] = Verdict.SPENT if accounted[emu.key].spent else Verdict.NO_VCPU
+            # loop buys nothing, so the group goes ahead of other VMs' vCPUs.
+            verdicts[c.key] = admit(c)
+            total += verdicts[c.key] == Verdict.GRANTED
+    for group in companions.values():
+        for c in group:
+            if c.key not in verdicts:
+                verdicts[c.key] = Verdict.SPENT if accounted[c.key].spent else Verdict.NO_VCPU
 
     out: dict[ThreadKey, Budget] = {}
     deadlines: list[float] = []

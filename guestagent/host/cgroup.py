@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from guestagent.host.undo import ProcessId, StateError
 from guestagent.linux.atomic import remove as remove_durably
 from guestagent.linux.atomic import write_atomically
+from guestagent.sched import POLICY_MASK, PRIORITY_POLICIES
 
 RUNTIME_FILE = "cpu.rt_runtime_us"
 JOURNAL_NAME = "undo-cgroups.json"
@@ -126,21 +127,6 @@ def plan_grant(leaves: Iterable[str], current: Mapping[str, int],
     return Grant(tuple((c, changed[c]) for c in down + up), used(values), tuple(refused))
 
 
-def plan_release(granted: Mapping[str, int], current: Mapping[str, int],
-                 children: Mapping[str, Iterable[str]]) -> tuple[tuple[str, int], ...]:
-    """Writes that put `granted` cgroups (cgroup -> original runtime) back, children first.
-
-    A parent keeps what its remaining children still need: never below their sum."""
-    values = dict(current)
-    writes = []
-    for node in sorted(granted, key=lambda c: -c.count("/")):
-        want = max(granted[node], _children_sum(node, values, children))
-        if values.get(node) != want:
-            values[node] = want
-            writes.append((node, want))
-    return tuple(writes)
-
-
 class CgroupFs:
     """The cpu controller's files, under a mount point (a test may point it elsewhere)."""
 
@@ -189,6 +175,23 @@ class CgroupFs:
         except OSError:
             return None
 
+    def rt_threads(self, cgroup: str) -> list[int]:
+        """Threads of this cgroup (not its children) at an RT policy: what keeps the
+        kernel from taking its RT runtime back."""
+        try:
+            with open(os.path.join(self._dir(cgroup), "tasks"), encoding="ascii") as f:
+                tids = [int(t) for t in f.read().split()]
+        except (OSError, ValueError):
+            return []
+        out = []
+        for tid in tids:
+            try:
+                if os.sched_getscheduler(tid) & POLICY_MASK in PRIORITY_POLICIES:
+                    out.append(tid)
+            except OSError:
+                pass
+        return out
+
     def chain_runtimes(self, cgroup: str) -> dict[str, int]:
         out = {}
         for node in chain(cgroup):
@@ -236,9 +239,14 @@ def decode_record(data: bytes) -> CgroupRecord:
 class CgroupJournal:
     """Original runtimes of every cgroup this service changed, on disk before each change."""
 
-    def __init__(self, state_dir: str, owner: ProcessId) -> None:
+    def __init__(self, state_dir: str, owner: ProcessId,
+                 inherited: Mapping[str, int] | None = None) -> None:
+        """`inherited`: originals a killed predecessor recorded and that could not be put
+        back yet; this journal takes them over (on disk at once) so they are never lost."""
         self.path = os.path.join(state_dir, JOURNAL_NAME)
         self.record = CgroupRecord(owner, {})
+        if inherited:
+            self.remember(inherited)
 
     def remember(self, originals: Mapping[str, int]) -> None:
         """Add cgroups not yet recorded (their first original wins); OSError if it cannot."""
@@ -258,9 +266,20 @@ class CgroupJournal:
             remove_durably(self.path)
 
 
-def restore_record(fs: CgroupFs, rec: CgroupRecord) -> list[str]:
-    """Put recorded runtimes back, deepest first; cgroups that are gone are skipped."""
+@dataclass(frozen=True)
+class Restored:
+    lines: tuple[str, ...]
+    failed: frozenset[str]  # cgroups whose runtime could not be put back (yet)
+
+
+def restore_record(fs: CgroupFs, rec: CgroupRecord) -> Restored:
+    """Put recorded runtimes back, deepest first; cgroups that are gone are skipped.
+
+    A parent never goes below what its children hold, so one that cannot be lowered
+    (the kernel refuses while a real-time thread is in it) keeps its parents up too:
+    every cgroup left above its original is reported failed and stays recorded."""
     lines = []
+    failed = set()
     for node in sorted(rec.originals, key=lambda c: -c.count("/")):
         now = fs.runtime(node)
         if now is None:
@@ -268,15 +287,21 @@ def restore_record(fs: CgroupFs, rec: CgroupRecord) -> list[str]:
             continue
         want = max(rec.originals[node], sum(max(0, fs.runtime(c) or 0)
                                             for c in fs.children(node)))
-        if now == want:
-            continue
-        try:
-            fs.set_runtime(node, want)
-            lines.append(f"cgroup {node}: {RUNTIME_FILE} {now} -> {want}")
-        except OSError as err:
-            lines.append(f"cgroup {node}: cannot restore {RUNTIME_FILE} {want}: "
-                         f"{err.strerror or err}")
-    return lines
+        if now != want:
+            try:
+                fs.set_runtime(node, want)
+                lines.append(f"cgroup {node}: {RUNTIME_FILE} {now} -> {want}")
+            except OSError as err:
+                why = err.strerror or str(err)
+                rt = fs.rt_threads(node)
+                if rt:
+                    why = "real-time threads are still in it (tids " + ", ".join(
+                        map(str, rt[:8])) + (", ..." if len(rt) > 8 else "") + ")"
+                lines.append(f"cgroup {node}: cannot restore {RUNTIME_FILE} {want}: {why}")
+                want = now
+        if want != rec.originals[node]:
+            failed.add(node)
+    return Restored(tuple(lines), frozenset(failed))
 
 
 class CgroupGranter:
@@ -288,7 +313,7 @@ class CgroupGranter:
         self.journal = journal
         self.per_thread = per_thread
         self.total = total
-        self.leaves: list[str] = []  # cgroups granted, in the order they were
+        self.owners: dict[str, set[str]] = {}  # cgroup granted -> the VMs it was for
 
     @property
     def used(self) -> int:
@@ -321,9 +346,14 @@ class CgroupGranter:
                 return f"cgroup {node}: cannot set {RUNTIME_FILE} {value}: {err.strerror or err}"
         return None
 
-    def grant(self, leaf: str) -> str | None:
-        """Give `leaf` its runtime; None when done, else one line saying why not."""
-        if leaf in self.leaves:
+    def holds(self, leaf: str) -> bool:
+        return leaf in self.owners
+
+    def grant(self, leaf: str, owner: str = "") -> str | None:
+        """Give `leaf` its runtime for `owner` (a VM); None when done, else one line
+        saying why not. A cgroup shared by VMs is given back when the last one goes."""
+        if leaf in self.owners:
+            self.owners[leaf].add(owner)
             return None
         current, children = self._view([leaf])
         originals = {**current, **self.journal.record.originals}
@@ -337,20 +367,23 @@ class CgroupGranter:
             return f"cannot record cgroup runtimes in {self.journal.path}: {err.strerror or err}"
         error = self._write(plan.writes)
         if error is None:
-            self.leaves.append(leaf)
+            self.owners[leaf] = {owner}
         return error
 
-    def release(self, leaves: Iterable[str] | None = None) -> list[str]:
-        """Put back what `leaves` (None: every grant) needed and no other grant still needs."""
-        gone = set(self.leaves if leaves is None else leaves)
-        self.leaves = [leaf for leaf in self.leaves if leaf not in gone]
-        needed = {node for leaf in self.leaves for node in chain(leaf)}
+    def release(self, owner: str | None = None) -> list[str]:
+        """Give back what `owner`'s grants (None: every grant) needed and no grant left
+        still needs. What the kernel refuses to give back stays recorded, to be retried
+        by the next release, the next start or `guestagent-host restore`."""
+        for leaf in list(self.owners):
+            self.owners[leaf].discard(owner)  # type: ignore[arg-type]
+            if owner is None or not self.owners[leaf]:
+                del self.owners[leaf]
+        needed = {node for leaf in self.owners for node in chain(leaf)}
         originals = self.journal.record.originals
         # Parents still needed shrink to what their children hold; the rest go back.
-        lines = restore_record(self.fs, CgroupRecord(self.journal.record.owner, {
-            c: v for c, v in originals.items() if c not in self.leaves}))
-        done = [c for c in originals if c not in needed
-                and not any(c in line and "cannot" in line for line in lines)]
+        result = restore_record(self.fs, CgroupRecord(self.journal.record.owner, {
+            c: v for c, v in originals.items() if c not in self.owners}))
+        done = [c for c in originals if c not in needed and c not in result.failed]
         if done:
             self.journal.forget(done)
-        return lines
+        return list(result.lines)

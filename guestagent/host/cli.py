@@ -193,11 +193,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         applier.restore_all()  # also when attaching the link failed
         if status is not None:
-            status.close()
-            try:
-                os.unlink(args.status_socket)
-            except OSError:
-                pass
+            status.close()  # removes the socket file, if it is still ours
 
 
 def online_cpus() -> frozenset[int]:
@@ -257,7 +253,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
         # RT runtime from a cgroup while an RT thread is still in it.
         from guestagent.host.hostlog import HostLog
         from guestagent.host.serve import restore_cgroup_leftovers
-        restore_cgroup_leftovers(args.state_dir, HostLog(verbose=True, stream=sys.stdout))
+        left = restore_cgroup_leftovers(args.state_dir, HostLog(verbose=True, stream=sys.stdout))
+    else:
+        left = {}
     for outcome in outcomes:
         bad = outcome.result in (REFUSED, INCOMPLETE)
         for line in outcome.lines:
@@ -265,7 +263,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
                   file=sys.stderr if bad else sys.stdout)
     if not outcomes:
         print(f"no state files in {args.state_dir}")
-    return 1 if any(o.result in (REFUSED, INCOMPLETE) for o in outcomes) else 0
+    return 1 if left or any(o.result in (REFUSED, INCOMPLETE) for o in outcomes) else 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:

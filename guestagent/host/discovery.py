@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,6 +86,27 @@ def checked_threads(pid: int, tids: Mapping[int, int]) -> tuple[VcpuThread, ...]
     if not found:
         raise GuestagentError(f"process {pid} has none of the vCPU threads reported")
     return tuple(found)
+
+
+def iothread_tids(qmp_path: str | None, pid: int, ids: Sequence[str]) -> dict[str, int]:
+    """Thread ids of QEMU's iothreads by object id: `query-iothreads` over QMP, else the
+    thread names QEMU gives them (`IO ID`, with -name debug-threads=on)."""
+    found: dict[str, int] = {}
+    if qmp_path is not None:
+        try:
+            with QmpClient(qmp_path) as qmp:
+                reply = qmp.execute("query-iothreads")
+            for item in reply if isinstance(reply, list) else ():
+                if (isinstance(item, dict) and isinstance(item.get("id"), str)
+                        and isinstance(item.get("thread-id"), int)
+                        and not isinstance(item.get("thread-id"), bool)):
+                    found[item["id"]] = item["thread-id"]
+        except GuestagentError:
+            pass
+    if not found:
+        found = {name.strip()[3:]: tid for tid, name in thread_names(pid).items()
+                 if name.startswith("IO ")}
+    return {i: found[i] for i in ids if i in found}
 
 
 def discover(qmp_path: str | None, pid: int | None = None

@@ -4,6 +4,8 @@
     channel = "/run/vm1/hints.sock"    # or: region = "/dev/shm/vm1-hints"
     listen = false                     # true: the chardev is server=off, we listen
     accel = "tcg"                      # optional; else asked of QEMU (query-kvm)
+    iothreads = ["iothread0"]          # optional: -object iothread ids, boosted like the
+                                       # emulator thread
 
 `pid = N` or `pidfile = "PATH"` may stand in for `qmp` (vCPU threads are then
 found by their names). A file with an unknown key or a wrong type is skipped
@@ -31,7 +33,7 @@ DROPIN_DIR = "/etc/guestagent-host/vms.d"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 MAX_DROPIN_SIZE = 1 << 16
 KEYS = {"qmp": str, "pid": int, "pidfile": str, "channel": str, "region": str,
-        "listen": bool, "accel": str}
+        "listen": bool, "accel": str, "iothreads": list}
 
 
 class DropinError(ValueError):
@@ -63,6 +65,10 @@ def parse_dropin(name: str, text: str, source: str,
             raise DropinError(f"{key}: must be {want.__name__}")
         if want is str and (not value or "\0" in value):
             raise DropinError(f"{key}: must be a non-empty path")
+    ids = doc.get("iothreads", [])
+    if len(ids) > 64 or not all(isinstance(i, str) and NAME.match(i) for i in ids) or len(
+            set(ids)) != len(ids):
+        raise DropinError("iothreads: must be distinct iothread ids (letters, digits, '_.-')")
     if "channel" in doc and "region" in doc:
         raise DropinError("give channel or region, not both")
     if doc.get("listen") and "channel" not in doc:
@@ -80,7 +86,7 @@ def parse_dropin(name: str, text: str, source: str,
     return VmDescription(
         name=f"dropin:{name}", source=source, pid=pid, channel=doc.get("channel"),
         channel_listen=bool(doc.get("listen", False)), region=doc.get("region"),
-        qmp=doc.get("qmp"), accel=doc.get("accel", "unknown"))
+        qmp=doc.get("qmp"), accel=doc.get("accel", "unknown"), iothread_ids=tuple(ids))
 
 
 def scan(directory: str = DROPIN_DIR) -> ScanResult:

@@ -83,12 +83,20 @@ def parse_status(text: str, source: str = "<status>") -> VmDescription:
             region = _shm_path(el.get("name", ""))
             if region:
                 break
-    iothreads = tuple(sorted(_positive(el.get("pid"), "iothread pid")
-                             for el in root.findall("./iothreads/iothread") if el.get("pid")))
+    # libvirt keeps no iothread tids in the status file: it starts QEMU with
+    # `-object iothread,id=iothreadN` (and debug-threads=on), found later by name.
+    ids = [el.get("id", "") for el in domain.findall("./iothreadids/iothread")]
+    if not ids:
+        try:
+            count = int((domain.findtext("iothreads") or "0").strip())
+        except ValueError:
+            count = 0
+        ids = [str(i) for i in range(1, min(max(count, 0), 64) + 1)]
+    iothreads = tuple(f"iothread{i}" for i in ids if i.isdigit())
     return VmDescription(
         name=f"libvirt:{name}", source=source, pid=pid, vcpus=tuple(sorted(vcpus)),
         channel=channel, region=region if channel is None else None, accel=accel,
-        iothreads=iothreads)
+        iothread_ids=iothreads)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from guestagent.host.config import HostLimits
 from guestagent.host.decide import GuestInput, Lease, Plan, decide, initial_plan
 from guestagent.host.settings import ThreadSettings
 from guestagent.host.status import PeerSnapshot, answer, flag_names, status_document
+from guestagent.host.undo import thread_label
 from guestagent.linux.loop import Loop
 from guestagent.protocol.model import AppliedFlag, PeerState, VcpuCapacity, VcpuHint
 from guestagent.transport import HostLink
@@ -115,13 +116,7 @@ class HostPeer:
             if (p.applied & AppliedFlag.CLAMPED and before is not None
                     and p.settings != before.settings):
                 self.clamps[vcpu] += 1
-        self.plan = self._apply(plan)
-        for index, settings in (others or {}).items():
-            if index in self.applier.originals and index not in self.applier.gone \
-                    and self.applier.current.get(index) != settings:
-                got = self.applier.apply(index, settings)
-                if got is not None:
-                    self.log(f"emulator thread: {got.describe()}")
+        self.plan = self._apply(plan, others or {})
         if plan.next_deadline is not None:
             deadlines.append(plan.next_deadline)
         if now >= self._next_capacity:
@@ -146,15 +141,22 @@ class HostPeer:
             self.log(f"link {self.link.kind if self.link else '-'} {state[0]}"
                      + (f": {state[1]}" if state[1] else ""))
 
-    def _apply(self, plan: Plan) -> Plan:
-        """Apply each vCPU's settings; a refused change is reported as DENIED."""
+    def _apply(self, plan: Plan, others: Mapping[int, ThreadSettings]) -> Plan:
+        """Apply each vCPU's settings, and the other threads' (the emulator thread,
+        iothreads); a refused vCPU change is reported as DENIED. What goes down goes
+        first: never more RT threads at once than the plan allows, not even for a moment."""
         vcpus = dict(plan.vcpus)
-        for vcpu, p in plan.vcpus.items():
-            if vcpu in self.applier.gone:
+        changes = [(v, p.settings) for v, p in plan.vcpus.items()] + [
+            (i, s) for i, s in others.items() if i in self.applier.originals]
+        for vcpu, settings in sorted(changes, key=lambda c: c[1].is_rt):
+            if vcpu in self.applier.gone or not self.applier.differs(vcpu, settings):
                 continue
-            if self.applier.current.get(vcpu) == p.settings:
+            got = self.applier.apply(vcpu, settings)
+            if vcpu not in plan.vcpus:
+                if got is not None:
+                    self.log(f"{thread_label(vcpu)} thread: {got.describe()}")
                 continue
-            got = self.applier.apply(vcpu, p.settings)
+            p = plan.vcpus[vcpu]
             if got is None and vcpu not in self.applier.gone:
                 self.counters["apply_failures"] += 1
                 flags = p.applied & ~(AppliedFlag.BOOSTED | AppliedFlag.THROTTLED

@@ -34,6 +34,7 @@ from guestagent.host.discovery import (
     VcpuThread,
     checked_threads,
     discover,
+    iothread_tids,
     thread_names,
     thread_start_time,
     vcpus_from_names,
@@ -46,6 +47,7 @@ from guestagent.host.serviceconfig import ServiceSettings
 from guestagent.host.statefile import RESTORED, ensure_state_dir, process_id, restore_leftovers
 from guestagent.host.status import answer, status_document
 from guestagent.host.textfile import ThreadMetrics, VmMetrics, render, write_textfile
+from guestagent.host.undo import MAX_IOTHREADS, iothread_index, thread_label
 from guestagent.host.vms import VmDescription
 from guestagent.linux.loop import Loop
 from guestagent.linux.sdnotify import Notifier
@@ -74,6 +76,21 @@ def vcpu_threads(desc: VmDescription) -> tuple[int, dict[int, int]]:
     return desc.pid, vcpus_from_names(thread_names(desc.pid))
 
 
+def iothread_threads(desc: VmDescription, pid: int) -> tuple[VcpuThread, ...]:
+    """The VM's iothreads (libvirt's and a drop-in's are named by their QEMU object ids),
+    found by QMP or by QEMU's thread names `IO ID`, that are threads of its QEMU."""
+    if not desc.iothread_ids:
+        return ()
+    found = iothread_tids(desc.qmp, pid, desc.iothread_ids)
+    tids = [found[i] for i in desc.iothread_ids if i in found]
+    out = []
+    for n, tid in enumerate(tids[:MAX_IOTHREADS]):
+        start = thread_start_time(pid, tid)
+        if start is not None and tid != pid:
+            out.append(VcpuThread(iothread_index(n), tid, start))
+    return tuple(out)
+
+
 def make_attach(opts: ServeOptions, log: HostLog, restore_before_attach: Any):
     """The service's attach function: threads found and checked, leftovers of a killed
     service restored first, the emulator thread recorded beside the vCPUs."""
@@ -89,7 +106,7 @@ def make_attach(opts: ServeOptions, log: HostLog, restore_before_attach: Any):
         start = thread_start_time(pid, pid)
         if start is None:
             raise GuestagentError(f"QEMU pid {pid} exited")
-        emulator = (VcpuThread(EMULATOR, pid, start),)
+        emulator = (VcpuThread(EMULATOR, pid, start),) + iothread_threads(desc, pid)
         journal = restore_before_attach(opts.state_dir, pid, opts.dry_run,
                                         lambda msg: log(msg))
         applier = ThreadApplier(pid, threads + emulator, opts.dry_run, log, journal)
@@ -160,25 +177,29 @@ def vm_document(name: str, e: VmEntry, service: HostService, now: float) -> dict
         v["clamps"] = e.peer.clamps.get(v["vcpu"], 0)
         v["eperm"] = refused.get(v["vcpu"], 0)
     applier = e.peer.applier
-    if EMULATOR in applier.originals:
-        b = service.budgets.get(ThreadKey(name, EMULATOR))
-        cur = applier.current[EMULATOR]
-        doc["emulator"] = {
-            "tid": applier.pid, "policy": cur.describe().split(" cpus ")[0],
-            "boosted": cur.is_rt and not applier.originals[EMULATOR].is_rt,
-            "verdict": e.verdicts.get(EMULATOR),
+    tids = applier.tids()
+    for index in sorted((i for i in applier.originals if i < 0), reverse=True):
+        b = service.budgets.get(ThreadKey(name, index))
+        cur = applier.current[index]
+        thread = {
+            "tid": tids.get(index), "policy": cur.describe().split(" cpus ")[0],
+            "boosted": cur.is_rt and not applier.originals[index].is_rt,
+            "verdict": e.verdicts.get(index),
             "budget_left": round(b.remaining, 3) if b else service.limits.budget,
             "boosted_seconds": round(b.boosted_seconds, 3) if b else 0.0,
             "budget_exhaustions": b.exhaustions if b else 0,
-            "eperm": refused.get(EMULATOR, 0),
+            "eperm": refused.get(index, 0),
         }
+        if index == EMULATOR:
+            doc["emulator"] = thread
+        else:
+            doc.setdefault("iothreads", []).append({"name": thread_label(index), **thread})
     return doc
 
 
 def service_document(service: HostService, now: float) -> dict[str, Any]:
     lim = service.limits.resolved(service.pcpus)
-    boosted = sorted(f"{k.vm}:{'emulator' if k.index == EMULATOR else k.index}"
-                     for k in service.held)
+    boosted = sorted(f"{k.vm}:{thread_label(k.index)}" for k in service.held)
     return {
         "service": True,
         "limits": {"max_boosted_per_cpu": lim.per_cpu, "max_boosted": lim.host,
@@ -211,6 +232,7 @@ def format_service(doc: Mapping[str, Any]) -> str:
         rows = [(str(v["vcpu"]), v) for v in vm.get("vcpus", [])]
         if vm.get("emulator"):
             rows.append(("emu", vm["emulator"]))
+        rows += [(f"io{t['name'][len('iothread'):]}", t) for t in vm.get("iothreads", [])]
         for label, v in rows:
             lines.append(f"  {label:>4} {v.get('verdict') or '-':<16} "
                          f"{v.get('budget_left', 0):>6.3f}s {v.get('boosted_seconds', 0):>8.1f}s "
@@ -229,7 +251,7 @@ def metrics_text(service: HostService) -> str:
         for index in sorted(e.peer.applier.originals):
             b = service.budgets.get(ThreadKey(name, index))
             threads.append(ThreadMetrics(
-                name, "emulator" if index == EMULATOR else str(index),
+                name, thread_label(index),
                 b.boosted_seconds if b else 0.0, b.exhaustions if b else 0,
                 e.peer.clamps.get(index, 0), e.peer.applier.refused.get(index, 0)))
     return render(threads, vms)
@@ -238,13 +260,16 @@ def metrics_text(service: HostService) -> str:
 # --- the loop ----------------------------------------------------------------------------
 
 
-def restore_cgroup_leftovers(state_dir: str, log: HostLog) -> None:
-    """A killed service's cgroup grants, put back before anything else."""
+def restore_cgroup_leftovers(state_dir: str, log: HostLog) -> dict[str, int]:
+    """A killed service's cgroup grants, put back before anything else. Returns the
+    originals the kernel would not take back yet (a real-time thread is still in the
+    cgroup); they stay in the journal, for the next service to adopt or the next
+    `restore` to retry."""
     from guestagent.host.cgroup import JOURNAL_NAME
 
     path = os.path.join(state_dir, JOURNAL_NAME)
     if not os.path.exists(path):
-        return
+        return {}
     fs = CgroupFs.find()
     try:
         with open(path, "rb") as f:
@@ -254,10 +279,18 @@ def restore_cgroup_leftovers(state_dir: str, log: HostLog) -> None:
     if process_id(record.owner.pid) == record.owner:
         raise GuestagentError(f"{path}: in use by the running guestagent-host pid "
                               f"{record.owner.pid}")
-    if fs is not None:
-        for line in restore_record(fs, record):
-            log(line, NOTICE)
-    os.unlink(path)
+    if fs is None:
+        os.unlink(path)
+        return {}
+    result = restore_record(fs, record)
+    for line in result.lines:
+        log(line, WARNING if "cannot" in line else NOTICE)
+    left = {c: v for c, v in record.originals.items() if c in result.failed}
+    if left:
+        log(f"{path}: kept: {len(left)} cgroup runtimes could not be restored yet", WARNING)
+    else:
+        os.unlink(path)
+    return left
 
 
 def serve(opts: ServeOptions, restore_before_attach: Any) -> int:
@@ -266,6 +299,7 @@ def serve(opts: ServeOptions, restore_before_attach: Any) -> int:
     me = process_id(os.getpid())
     cgroups = CgroupFs.find()
     granter = None
+    inherited: dict[str, int] = {}
     if not opts.dry_run:
         # What a killed service left: every VM's threads, then the cgroup runtimes (the
         # kernel refuses to take RT runtime from a cgroup with an RT thread in it).
@@ -273,9 +307,9 @@ def serve(opts: ServeOptions, restore_before_attach: Any) -> int:
         for outcome in restore_leftovers(opts.state_dir, False):
             for line in outcome.lines:
                 log(line, NOTICE if outcome.result == RESTORED else WARNING)
-        restore_cgroup_leftovers(opts.state_dir, log)
+        inherited = restore_cgroup_leftovers(opts.state_dir, log)
     if cgroups is not None and settings.rt_cgroup_budget_us and not opts.dry_run and me:
-        granter = CgroupGranter(cgroups, CgroupJournal(opts.state_dir, me),
+        granter = CgroupGranter(cgroups, CgroupJournal(opts.state_dir, me, inherited),
                                 settings.rt_cgroup_per_thread_us, settings.rt_cgroup_budget_us)
     pcpus = frozenset(os.sched_getaffinity(0))
     service = HostService(make_attach(opts, log, restore_before_attach), settings.arbiter,
@@ -344,16 +378,17 @@ def serve(opts: ServeOptions, restore_before_attach: Any) -> int:
     finally:
         notifier.stopping("restoring threads")
         service.release_all()
+        if inherited and granter is None:  # a predecessor's, not adopted: try it again
+            try:
+                restore_cgroup_leftovers(opts.state_dir, log)
+            except GuestagentError as err:
+                log(str(err), WARNING)
         for w in watches:
             w.close()
         loop.close()
         _write_metrics(settings.metrics_textfile, service, log)
         if status is not None:
-            status.close()
-            try:
-                os.unlink(opts.status_socket)
-            except OSError:
-                pass
+            status.close()  # removes the socket file, if it is still ours
     if stop:
         log(f"stopping on {signal.Signals(stop[0]).name}; threads restored", NOTICE)
     return 0

@@ -6,9 +6,9 @@ spent budget, the emulator (main-loop) thread is boosted alongside its VM's
 vCPUs where the policy says so, and each peer applies and publishes
 (finish_step). VMs are found by rescan(): libvirt's status files and the
 drop-ins; a VM that appears is attached, one that goes away is released
-(threads restored, budgets forgotten, cgroup runtimes given back), one whose
-description changed (a vCPU hot-plugged, QEMU restarted) is released and
-attached again. The loop and its IO live in serve.py; this core takes its
+(threads restored, budgets forgotten, cgroup runtimes given back); a vCPU
+hot-plugged into a served VM is taken on in place, and a VM whose description
+changed otherwise (QEMU restarted) is released and attached again. The loop and its IO live in serve.py; this core takes its
 attach function, cgroup granter, clock and log as arguments.
 """
 
@@ -19,8 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
+from guestagent.errors import GuestagentError
 from guestagent.host.arbiter import (
-    EMULATOR,
     ArbiterLimits,
     Arbitration,
     BoostRequest,
@@ -32,6 +32,7 @@ from guestagent.host.arbiter import (
 )
 from guestagent.host.cgroup import CgroupFs, CgroupGranter, trap
 from guestagent.host.decide import Plan, VcpuPlan
+from guestagent.host.discovery import checked_threads
 from guestagent.host.hostlog import ERR, NOTICE, WARNING
 from guestagent.host.peer import HostPeer
 from guestagent.host.settings import ThreadSettings
@@ -85,16 +86,23 @@ def withhold(plan: Plan, originals: Mapping[int, ThreadSettings], verdicts: Mapp
 
 
 def boost_requests(name: str, plan: Plan, emulator: str,
-                   emulator_orig: ThreadSettings | None) -> list[BoostRequest]:
-    """What this VM's plan would boost to RT; the emulator thread alongside, by policy."""
+                   companions: Mapping[int, ThreadSettings]) -> list[BoostRequest]:
+    """What this VM's plan would boost to RT; its companions (the emulator thread and
+    the iothreads: index < 0 -> original settings) alongside, by the emulator policy."""
     out = [BoostRequest(ThreadKey(name, v), p.settings.rt_priority, p.settings.affinity)
            for v, p in sorted(plan.vcpus.items())
            if p.applied & AppliedFlag.BOOSTED and p.settings.is_rt]
-    if out and emulator_orig is not None and emulator in ("follow", "always"):
-        # At the VM's highest vCPU priority: its own spinning vCPU must not starve it.
+    if out and emulator in ("follow", "always"):
+        # At the VM's highest vCPU priority: its own spinning vCPU must not starve them.
         top = max(r.priority for r in out)
-        out.append(BoostRequest(ThreadKey(name, EMULATOR), top, emulator_orig.affinity))
+        out += [BoostRequest(ThreadKey(name, i), top, orig.affinity)
+                for i, orig in sorted(companions.items(), reverse=True)]
     return out
+
+
+def companions(peer: HostPeer) -> dict[int, ThreadSettings]:
+    """A served VM's emulator thread and iothreads (index < 0), with their originals."""
+    return {i: s for i, s in peer.applier.originals.items() if i < 0}
 
 
 class HostService:
@@ -125,6 +133,8 @@ class HostService:
             if line not in self._said:
                 self.log(line, WARNING)
         self._said = set(errors)
+        for name in [n for n in self.vms if n in found and found[n] != self.vms[n].desc]:
+            self._follow_hotplug(self.vms[name], found[name])
         for name in [n for n in self.vms if n not in found or found[n] != self.vms[n].desc]:
             self.release(name, "changed" if name in found else "gone")
         for name, desc in found.items():
@@ -134,6 +144,28 @@ class HostService:
                 self._attach(entry)
             elif entry.peer is None and desc.served:
                 self._attach(entry)  # attaching failed before: QEMU may be ready now
+
+    def _follow_hotplug(self, entry: VmEntry, new: VmDescription) -> None:
+        """A served VM whose only change is more vCPU threads (a hot-plug): its peer takes
+        them on in place, and nothing applied to its other threads is reverted."""
+        peer = entry.peer
+        if peer is None or replace(entry.desc, vcpus=(), pid=None) != replace(
+                new, vcpus=(), pid=None) or new.pid not in (None, peer.applier.pid):
+            return  # anything else: released and attached again
+        known = {v: t for v, t in peer.applier.tids().items() if v >= 0}
+        now = new.vcpu_tids()
+        if not now or any(now.get(v, t) != t for v, t in known.items()):
+            return  # a thread replaced: QEMU restarted, or so it seems
+        added = {v: t for v, t in now.items() if v not in peer.applier.originals}
+        try:
+            peer.applier.add(checked_threads(peer.applier.pid, added) if added else ())
+        except GuestagentError as err:
+            self.log(f"{new.name}: hot-plugged vCPUs not taken on: {err}", WARNING)
+            return
+        entry.desc = new
+        if added:
+            self.log(f"{new.name}: following hot-plugged vCPU "
+                     + ", ".join(f"{v}:{t}" for v, t in sorted(added.items())), NOTICE)
 
     def _attach(self, entry: VmEntry) -> None:
         desc = entry.desc
@@ -172,7 +204,7 @@ class HostService:
                     pass
             self.log(f"{name}: {why}; its threads are restored", NOTICE)
         if self.granter is not None and entry.cgroups:
-            for line in self.granter.release(sorted(entry.cgroups)):
+            for line in self.granter.release(name):
                 self.log(line)
         self.budgets = forget_vm(self.budgets, name)
         self.held = frozenset(k for k in self.held if k.vm != name)
@@ -197,8 +229,7 @@ class HostService:
                 continue
             plan = e.peer.plan_step(now)
             plans[name] = plan
-            emu = e.peer.applier.originals.get(EMULATOR)
-            requests += boost_requests(name, plan, e.emulator, emu)
+            requests += boost_requests(name, plan, e.emulator, companions(e.peer))
         run_ns: dict[ThreadKey, int] = {}
         for key in {r.key for r in requests} | set(self.budgets):
             entry = self.vms.get(key.vm)
@@ -220,13 +251,12 @@ class HostService:
                 verdicts[index] = Verdict.RT_TRAP
             plan = withhold(plan, e.peer.vcpu_originals, verdicts)
             others: dict[int, ThreadSettings] = {}
-            emu = e.peer.applier.originals.get(EMULATOR)
-            if emu is not None:
-                granted = verdicts.get(EMULATOR) == Verdict.GRANTED
-                req = next((r for r in requests if r.key == ThreadKey(name, EMULATOR)), None)
-                others[EMULATOR] = (replace(emu, policy=os.SCHED_FIFO, rt_priority=req.priority)
-                                    if granted and req is not None
-                                    and verdicts.get(EMULATOR) != Verdict.RT_TRAP else emu)
+            asked = {r.key.index: r for r in requests if r.key.vm == name}
+            for index, orig in companions(e.peer).items():
+                req = asked.get(index)
+                others[index] = (replace(orig, policy=os.SCHED_FIFO, rt_priority=req.priority)
+                                 if req is not None and verdicts.get(index) == Verdict.GRANTED
+                                 else orig)
             e.verdicts = {i: v.value for i, v in verdicts.items()}
             self._grant_rt(name, e, plan, others)
             refused = dict(e.peer.applier.refused)
@@ -283,9 +313,11 @@ class HostService:
             cg = self._cgroup_of(e, index)
             if cg is None or cg in e.cgroups:
                 continue
-            if trap(cg, self.cgroups.chain_runtimes(cg)) is None:
+            # A cgroup granted for another VM (drop-in QEMUs may share one) is shared: it
+            # is given back when the last VM that needed it goes.
+            if not self.granter.holds(cg) and trap(cg, self.cgroups.chain_runtimes(cg)) is None:
                 continue
-            why = self.granter.grant(cg)
+            why = self.granter.grant(cg, name)
             if why is None:
                 e.cgroups.add(cg)
                 self.log(f"{name}: granted {self.granter.per_thread} µs RT runtime per period "

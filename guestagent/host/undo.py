@@ -22,6 +22,20 @@ MAX_CPU = 1 << 16  # far above any host; bounds what a hostile affinity list can
 MAX_PID = 1 << 22  # the kernel's limit on pid_max
 MAX_START = 1 << 62
 EMULATOR = -1  # the "vcpu" index that records QEMU's main (emulator) thread
+MAX_IOTHREADS = 256  # iothread n (0-based, in the VM's order) is recorded as EMULATOR - 1 - n
+LOWEST_INDEX = EMULATOR - MAX_IOTHREADS
+
+
+def iothread_index(n: int) -> int:
+    """The thread index of a VM's n-th iothread (vCPUs are >= 0, the emulator -1)."""
+    return EMULATOR - 1 - n
+
+
+def thread_label(index: int) -> str:
+    """How a thread index is shown: '0', 'emulator', 'iothread0'."""
+    if index == EMULATOR:
+        return "emulator"
+    return f"iothread{EMULATOR - 1 - index}" if index < EMULATOR else str(index)
 
 
 class StateError(ValueError):
@@ -143,7 +157,7 @@ def _decode_thread(value: Any, where: str) -> ThreadRecord:
                               _int(doc, "nice", where, -20, 19), frozenset(affinity))
     thread = ProcessId(_int(doc, "tid", where, 1, MAX_PID),
                        _int(doc, "start_time", where, 0, MAX_START))
-    return ThreadRecord(_int(doc, "vcpu", where, EMULATOR, 1 << 16), thread, settings)
+    return ThreadRecord(_int(doc, "vcpu", where, LOWEST_INDEX, 1 << 16), thread, settings)
 
 
 def _unique(values: list[int], what: str) -> None:

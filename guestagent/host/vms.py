@@ -25,7 +25,7 @@ class VmDescription:
     region: str | None = None  # backing file of the ivshmem-plain region
     qmp: str | None = None  # QMP socket, when we may use it (never libvirt's)
     accel: str = "unknown"  # "tcg", "kvm" or "unknown": decides the emulator default
-    iothreads: tuple[int, ...] = ()  # iothread tids to treat like the emulator thread
+    iothread_ids: tuple[str, ...] = ()  # QEMU iothread object ids, boosted like the emulator
 
     @property
     def served(self) -> bool:

@@ -4,7 +4,9 @@ Run as a script it starts threads named `CPU n/KVM` (as QEMU names its vCPU
 threads) and serves a QMP unix socket answering `query-cpus-fast` with their
 thread ids. It stands in for QEMU, which the end-to-end tests run for real.
     python3 -m tests.helpers.standin QMP_SOCKET NR_VCPUS [spin|sleep] [TCG]
-It prints "ready <pid>" once the threads are named and the socket listens.
+With STANDIN_IOTHREADS=N it also starts N threads named `IO iothreadN` (QEMU's iothread
+names) and answers `query-iothreads`. It prints "ready <pid>" once the threads are
+named and the socket listens.
 """
 
 from __future__ import annotations
@@ -39,6 +41,30 @@ def _vcpu_thread(index: int, accel: str, spin: bool, tids: dict, ready: threadin
             time.sleep(3600)
 
 
+IOTHREADS: dict[int, int] = {}  # iothread n -> tid, when STANDIN_IOTHREADS=N asks for them
+
+
+def _iothread(index: int, ready: threading.Event) -> None:
+    tid = threading.get_native_id()
+    with open(f"/proc/self/task/{tid}/comm", "w") as f:
+        f.write(f"IO iothread{index}")  # as QEMU names them (-name debug-threads=on)
+    IOTHREADS[index] = tid
+    ready.set()
+    time.sleep(3600)
+
+
+HOTPLUG: dict = {}  # what main() needs to start a vCPU thread on device_add
+
+
+def _hotplug_vcpu() -> None:
+    """A vCPU thread more, as QEMU starts one on device_add of a CPU."""
+    ready = threading.Event()
+    index = max(HOTPLUG["all"], default=-1) + 1
+    threading.Thread(target=_vcpu_thread, args=(index, HOTPLUG["accel"], HOTPLUG["spin"],
+                                                HOTPLUG["all"], ready), daemon=True).start()
+    ready.wait()
+
+
 def _serve_qmp(conn: socket.socket, tids: dict) -> None:
     with conn, conn.makefile("rwb") as f:
         f.write(b'{"QMP": {"version": {"qemu": {"major": 9}}, "capabilities": []}}\n')
@@ -47,6 +73,12 @@ def _serve_qmp(conn: socket.socket, tids: dict) -> None:
             cmd = json.loads(line).get("execute")
             if cmd == "qmp_capabilities":
                 reply = {"return": {}}
+            elif cmd == "device_add" and HOTPLUG:
+                _hotplug_vcpu()
+                reply = {"return": {}}
+            elif cmd == "query-iothreads" and os.environ.get("STANDIN_IOTHREADS"):
+                reply = {"return": [{"id": f"iothread{i}", "thread-id": t}
+                                    for i, t in sorted(IOTHREADS.items())]}
             elif cmd == "query-cpus-fast" and tids:
                 f.write(b'{"event": "RESUME", "data": {}}\n')  # events may precede replies
                 reply = {"return": [{"cpu-index": i, "thread-id": t, "target": "x86_64"}
@@ -67,8 +99,13 @@ def main(argv: list[str]) -> None:
         threading.Thread(target=_vcpu_thread, args=(i, accel, spin, tids, ready),
                          daemon=True).start()
         ready.wait()
+    for i in range(int(os.environ.get("STANDIN_IOTHREADS") or 0)):
+        ready = threading.Event()
+        threading.Thread(target=_iothread, args=(i, ready), daemon=True).start()
+        ready.wait()
     # STANDIN_NO_QUERY: act like a QEMU whose query-cpus-fast fails, forcing the name fallback
     served = {} if os.environ.get("STANDIN_NO_QUERY") else tids
+    HOTPLUG.update(accel=accel, spin=spin, all=tids)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(path)
     server.listen(4)
@@ -82,8 +119,9 @@ class Standin:
     """Handle on a running stand-in process, for tests."""
 
     def __init__(self, qmp: str, nr_vcpus: int = 2, mode: str = "sleep",
-                 accel: str = "KVM", no_query: bool = False) -> None:
-        env = dict(os.environ, STANDIN_NO_QUERY="1" if no_query else "")
+                 accel: str = "KVM", no_query: bool = False, iothreads: int = 0) -> None:
+        env = dict(os.environ, STANDIN_NO_QUERY="1" if no_query else "",
+                   STANDIN_IOTHREADS=str(iothreads) if iothreads else "")
         self.qmp = qmp
         self.proc = subprocess.Popen(
             [sys.executable, str(HERE), qmp, str(nr_vcpus), mode, accel],
@@ -92,11 +130,31 @@ class Standin:
         assert line.startswith("ready "), f"stand-in failed to start: {line!r}"
         self.pid = self.proc.pid
         self.tids = {}
+        self.iothreads: dict[str, int] = {}  # iothread id -> tid
         for entry in os.listdir(f"/proc/{self.pid}/task"):
             with open(f"/proc/{self.pid}/task/{entry}/comm") as f:
                 name = f.read().strip()
             if name.startswith("CPU "):
                 self.tids[int(name.split()[1].split("/")[0])] = int(entry)
+            elif name.startswith("IO "):
+                self.iothreads[name[3:]] = int(entry)
+
+    def hotplug(self) -> int:
+        """Plug a vCPU (QMP device_add, as for real QEMU): its index, once its thread runs."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s, s.makefile("rwb") as f:
+            s.connect(self.qmp)
+            f.readline()
+            for cmd in ({"execute": "qmp_capabilities"},
+                        {"execute": "device_add", "arguments": {"driver": "qemu64-x86_64-cpu"}}):
+                f.write(json.dumps(cmd).encode() + b"\n")
+                f.flush()
+                assert "return" in json.loads(f.readline()), cmd
+        for entry in os.listdir(f"/proc/{self.pid}/task"):
+            with open(f"/proc/{self.pid}/task/{entry}/comm") as f:
+                name = f.read().strip()
+            if name.startswith("CPU "):
+                self.tids[int(name.split()[1].split("/")[0])] = int(entry)
+        return max(self.tids)
 
     def stop(self) -> None:
         self.proc.kill()
@@ -104,8 +162,9 @@ class Standin:
 
 
 def policy(tid: int) -> tuple[int, int]:
-    """A thread's scheduling policy and RT priority, read back from the kernel."""
-    return os.sched_getscheduler(tid), os.sched_getparam(tid).sched_priority
+    """A thread's scheduling policy (without the SCHED_RESET_ON_FORK flag, which the host
+    sets on what it boosts) and RT priority, read back from the kernel."""
+    return os.sched_getscheduler(tid) & 0xFF, os.sched_getparam(tid).sched_priority
 
 
 def seconds_until_reverted(tid: int, limit: float = 3.0) -> float:
@@ -146,6 +205,52 @@ def ticking(link: Any) -> Iterator[None]:
     finally:
         stopped.set()
         ticker.join()
+
+
+class MainLoopThread:
+    """A real thread that, when told, creates a thread and reports that thread's policy,
+    RT priority and nice, as QEMU's main loop creates worker threads while it runs. The
+    worker stays until close() when `keep` (it then holds its cgroup as it is)."""
+
+    def __init__(self, keep: bool = False) -> None:
+        self.go = threading.Event()
+        self.done = threading.Event()
+        self.stop = threading.Event()
+        self.child: tuple[int, int, int] | None = None
+        ready = threading.Event()
+
+        def child() -> None:
+            tid = threading.get_native_id()
+            self.child_tid = tid
+            self.child = (os.sched_getscheduler(tid), os.sched_getparam(tid).sched_priority,
+                          os.getpriority(os.PRIO_PROCESS, tid))
+            if keep:
+                self.stop.wait(30)
+
+        def body() -> None:
+            self.tid = threading.get_native_id()
+            ready.set()
+            self.go.wait(30)
+            t = threading.Thread(target=child)
+            t.start()
+            while self.child is None and t.is_alive():
+                time.sleep(0.001)
+            self.done.set()
+            self.stop.wait(30)
+            t.join(30)
+
+        self.thread = threading.Thread(target=body, daemon=True)
+        self.thread.start()
+        ready.wait(30)
+
+    def spawn(self) -> tuple[int, int, int] | None:
+        self.go.set()
+        self.done.wait(30)
+        return self.child
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(30)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import pytest
 from helpers.waiting import wait_for
 
 from guestagent.host.cgroup import CgroupFs
-from testbed.libvirt import GUEST_PYTHON, Domain, Libvirtd, missing_components
+from testbed.libvirt import Domain, Libvirtd, iothread_tids, missing_components, vcpu_tids
 
 pytestmark = [pytest.mark.vm, pytest.mark.root]
 
@@ -36,33 +36,9 @@ RT_TASK = ["taskset", "-c", "1", "chrt", "-f", "50", "sleep", "900"]
 
 def policy(tid: int) -> tuple[int, int]:
     try:
-        return os.sched_getscheduler(tid), os.sched_getparam(tid).sched_priority
+        return os.sched_getscheduler(tid) & 0xFF, os.sched_getparam(tid).sched_priority
     except OSError:
         return (-1, -1)
-
-
-def vcpu_tids(pid: int) -> dict[int, int]:
-    out = {}
-    for entry in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{entry}/comm") as f:
-            comm = f.read().strip()
-        if comm.startswith("CPU ") and comm.endswith("/TCG"):
-            out[int(comm.split()[1].split("/")[0])] = int(entry)
-    return out
-
-
-AGENT_CONFIG = """\
-[agent]
-heartbeat_interval_ms = 250
-sweep_interval_ms = 50
-cpu_budget_percent = 10
-[transport]
-mode = "{mode}"
-[control]
-socket = "/run/guestagent-{mode}.sock"
-[policy]
-hold_time_ms = 300
-"""
 
 
 class Service:
@@ -125,12 +101,7 @@ class Guest:
     def __init__(self, dom: Domain, mode: str) -> None:
         self.dom = dom
         self.mode = mode
-        # The guest's /tmp is its own tmpfs: write the config from inside.
-        self.config = f"/run/agent-{mode}.toml"
-        dom.ctl().request("run", argv=["tee", self.config], timeout_s=30, timeout=60,
-                          input=AGENT_CONFIG.format(mode=mode))
-        self.agent = dom.spawn([GUEST_PYTHON, "-m", "guestagent", "run", "--config",
-                                self.config])
+        self.agent = dom.start_agent(mode)
         self.tasks: list[int] = []
 
     def rt_task(self) -> None:
@@ -152,7 +123,7 @@ def world(tmp_path_factory) -> Iterator[dict[str, Any]]:
     daemon = Libvirtd()
     doms: list[Domain] = []
     try:
-        chan = Domain(channel=True, shmem=False, prefix="ga-lvt")
+        chan = Domain(channel=True, shmem=False, prefix="ga-lvt", iothreads=1)
         doms.append(chan)
         reg = Domain(channel=False, shmem=True, prefix="ga-lvt")
         doms.append(reg)
@@ -168,7 +139,7 @@ def world(tmp_path_factory) -> Iterator[dict[str, Any]]:
 
 
 def _threads(dom: Domain) -> list[int]:
-    return [dom.pid, *vcpu_tids(dom.pid).values()]
+    return [dom.pid, *vcpu_tids(dom.pid).values(), *iothread_tids(dom.pid)]
 
 
 def _all_original(world) -> bool:
@@ -235,11 +206,15 @@ def test_serve_finds_both_domains_refuses_rt_in_the_trap_then_grants_and_restore
             tid = vcpu_tids(d.pid)[1]
             assert wait_for(lambda t=tid: policy(t) == (os.SCHED_FIFO, 10), 120), \
                 svc.log_text()
-            # Under TCG the main loop delivers guest timers: it is boosted alongside.
+            # Under TCG the main loop delivers guest timers: it is boosted alongside, and
+            # so are the iothreads the domain names.
             assert wait_for(lambda p=d.pid: policy(p)[0] == os.SCHED_FIFO, 30), svc.log_text()
+            for io in iothread_tids(d.pid):
+                assert wait_for(lambda t=io: policy(t)[0] == os.SCHED_FIFO, 30), svc.log_text()
             assert any(v > 0 for v in _cgroup_runtimes(d).values())
         vm = svc.vm(chan.name)
         assert vm["cgroups_granted"] and vm["emulator"]["boosted"]
+        assert iothread_tids(chan.pid) and [t["boosted"] for t in vm["iothreads"]] == [True]
         assert "boosted" in vm["vcpus"][1]["applied"]
         assert wait_for(lambda: svc.metrics.exists(), 30)
         assert "guestagent_host_boosted_seconds_total" in svc.metrics.read_text()
@@ -271,38 +246,55 @@ def test_serve_finds_both_domains_refuses_rt_in_the_trap_then_grants_and_restore
 
 
 def test_hostile_guest_stays_inside_the_caps_and_budget(world):
-    """RT spinners on every vCPU make the guest ask FIFO for all of them: never more
-    boosted threads than the caps allow, the priority clamped, and the budget runs out."""
+    """The guest asks FIFO 99 on every vCPU, one of them flapping, with both vCPUs busy:
+    never more boosted vCPUs than its share nor RT threads than the host cap, the priority
+    clamped, and the budget runs out and is said to the guest (BUDGET_SPENT)."""
     doms, guests = world["doms"], world["guests"]
     chan = doms["channel"]
     workdir = world["workdir"] / "hostile"
     workdir.mkdir()
-    svc = Service(workdir, "ga-lvt", "rt_cgroup_budget_us = 400000\n", budget=0.3)
+    before = {n: _cgroup_runtimes(d) for n, d in doms.items()}
+    # A cgroup grant large enough that the budget (RT run time), not the kernel's RT
+    # throttling, is what stops the boosted vCPU.
+    svc = Service(workdir, "ga-lvt", "rt_cgroup_budget_us = 600000\n"
+                                     "rt_cgroup_per_thread_us = 150000\n", budget=0.3)
+    g = guests["channel"]
     try:
         assert wait_for(lambda: _linked(svc, chan.name), 180), svc.log_text()
-        g = guests["channel"]
-        # Busy vCPUs and RT tasks on both of them: the agent asks FIFO on every vCPU. The
-        # tasks pause for a moment now and then: spinning for good they would starve the
-        # guest's own agent (SCHED_OTHER), whose heartbeat keeps the lease.
-        busy = "while :; do i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; sleep 0.02; done"
+        # The RT tasks sleep and the busy loops are SCHED_OTHER: the guest's own agent
+        # keeps its share of both vCPUs and its heartbeat, while the vCPU threads run
+        # flat out on the host whenever they are boosted.
         for cpu in (0, 1):
-            g.tasks.append(chan.spawn(["taskset", "-c", str(cpu), "chrt", "-f", "40",
-                                       "sh", "-c", busy]))
-        deadline = time.monotonic() + 180
-        most = 0
+            g.tasks.append(chan.spawn(["taskset", "-c", str(cpu), "sh", "-c",
+                                       "while :; do :; done"]))
+        g.tasks.append(chan.spawn(["taskset", "-c", "1", "chrt", "-f", "99", "sleep", "900"]))
+        g.tasks.append(chan.spawn(["taskset", "-c", "0", "sh", "-c",
+                                   "while :; do chrt -f 99 sleep 0.3; sleep 0.2; done"]))
+        deadline = time.monotonic() + 240
+        most_vcpus = most_rt = 0
+        asked_99: set[int] = set()
         spent = False
         while time.monotonic() < deadline and not spent:
-            states = [policy(t) for d in doms.values() for t in _threads(d)]
-            rt = [s for s in states if s[0] == os.SCHED_FIFO]
-            most = max(most, len(rt))
-            assert all(p <= 10 for _, p in rt), states  # clamped to max_rt_priority
+            rt = [policy(t) for d in doms.values() for t in _threads(d)
+                  if policy(t)[0] == os.SCHED_FIFO]
+            most_rt = max(most_rt, len(rt))
+            vcpus = [t for t in vcpu_tids(chan.pid).values() if policy(t)[0] == os.SCHED_FIFO]
+            most_vcpus = max(most_vcpus, len(vcpus))
+            assert all(p <= 10 for _, p in rt), rt  # clamped to max_rt_priority
             vm = svc.vm(chan.name) or {}
-            spent = any(v.get("budget_exhaustions", 0) for v in vm.get("vcpus", []))
+            for v in vm.get("vcpus", []):
+                if (v.get("hint") or {}).get("rt_priority") == 99:
+                    asked_99.add(v["vcpu"])
+            spent = any("budget_spent" in v.get("applied", []) for v in vm.get("vcpus", []))
             time.sleep(0.05)
-        # per VM one vCPU (+ its emulator thread); the other VM has no RT work now.
-        assert most <= 2, most
         assert spent, svc.log_text()[-3000:]
+        assert asked_99 == {0, 1}, asked_99  # every vCPU asked FIFO 99
+        assert most_vcpus == 1  # max_boosted_per_vm = 1
+        assert most_rt <= 4  # the host cap: the vCPU, the emulator thread, the iothread
+        vm = svc.vm(chan.name)
+        assert any(v["budget_exhaustions"] >= 1 for v in vm["vcpus"])
     finally:
         g.kill_tasks()
         assert svc.stop() == 0
     assert _all_original(world)
+    assert {n: _cgroup_runtimes(d) for n, d in doms.items()} == before
