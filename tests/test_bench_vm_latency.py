@@ -191,6 +191,16 @@ def test_segments_merge_runs_and_hold_until_the_next_sample() -> None:
     assert boosted_seconds(runs["m"], 3.5, 10.0) == 0.5  # clipped to the window
 
 
+def test_a_thread_that_exited_is_not_held_to_the_end() -> None:
+    """A worker last seen at FIFO that then exited counted as RT in every later mode."""
+    samples = [_s(t / 10, "m") for t in range(50)] + [_s(0.0, "w", 1, 1), _s(0.1, "w", 1, 1)]
+    runs = segments(samples, end=5.0, gone_after=0.5)
+    assert [(r.start, r.end, r.label) for r in runs["w"]] == [(0.0, 0.1, "fifo 1")]
+    assert runs["m"][-1].end == 5.0
+    held = segments(samples, end=5.0)  # without gone_after: sample-and-hold to the end
+    assert held["w"][-1].end == 5.0
+
+
 def test_boosted_by_mode_is_a_share_of_the_modes_windows() -> None:
     samples = [_s(0.0, "m"), _s(10.0, "m", 1, 1), _s(20.0, "m")]
     timeline = segments(samples, end=30.0)
@@ -416,6 +426,29 @@ def test_static_rt_boosts_restores_and_resets_inherited_threads() -> None:
         assert not runs[name][-1].boosted
     finally:
         t.stop.set()
+
+
+@pytest.mark.root
+def test_static_rt_leaves_no_thread_rt_that_was_not_before() -> None:
+    """Every thread RT at the end and not before goes back, not only the new ones (a
+    thread pool worker stayed FIFO through every later mode of a run); one RT before
+    stays as it was."""
+    from bench.vm_latency.qemu_threads import static_rt
+
+    me = os.getpid()
+    boosted, bystander, own_rt = _Sleeper(), _Sleeper(), _Sleeper()
+    try:
+        os.sched_setscheduler(own_rt.tid, os.SCHED_FIFO, os.sched_param(5))
+        with static_rt(me, [boosted.tid]):
+            os.sched_setscheduler(bystander.tid, os.SCHED_FIFO, os.sched_param(1))
+        for t in (boosted, bystander):
+            assert os.sched_getscheduler(t.tid) == os.SCHED_OTHER
+        assert os.sched_getscheduler(own_rt.tid) == os.SCHED_FIFO
+        assert os.sched_getparam(own_rt.tid).sched_priority == 5
+    finally:
+        for t in (boosted, bystander, own_rt):
+            os.sched_setscheduler(t.tid, os.SCHED_OTHER, os.sched_param(0))
+            t.stop.set()
 
 
 @pytest.mark.root

@@ -104,10 +104,21 @@ class Bench:
         batch = next(tid for v, tid in self.vcpus.items() if v != GUEST_RT_VCPU)
         return os.getpriority(os.PRIO_PROCESS, batch) > 0
 
+    def no_rt_left(self, mode: str) -> None:
+        """After a window no QEMU thread may stay RT into the next mode's; say so if one
+        did, and lower it."""
+        names = qemu_threads.qemu_tasks(self.vm.qemu_pid)
+        left = qemu_threads.rt_threads(self.vm.qemu_pid)
+        if left:
+            log(f"after {mode}: still RT, now lowered: "
+                + ", ".join(names.get(t, str(t)) for t in sorted(left)))
+            qemu_threads.lower(left)
+
     @contextlib.contextmanager
     def mode(self, mode: str, round_: int) -> Iterator[None]:
         """The host as the mode wants it, for the length of one window."""
         with contextlib.ExitStack() as stack:
+            stack.callback(self.no_rt_left, mode)
             if mode == "idle":
                 self.load.pause()
                 stack.callback(self.load.resume)
@@ -281,7 +292,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         measured = time.monotonic()
         samples = sampler.snapshot()
         machine = machine_lines(accel, args, load_before)
-    timeline = segments(samples, end=windows[-1].end)
+    timeline = segments(samples, end=windows[-1].end, gone_after=qemu_threads.GONE_AFTER)
     figures = mode_figures(results, boosted_by_mode(timeline, windows))
     tables = [report.latency_table(figures, args.hist_us), report.host_table(figures)]
     targets, references = target_lines(figures), reference_lines(figures)
