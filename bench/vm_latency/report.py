@@ -218,6 +218,13 @@ starting one mode later:
   line says what the best reference mode gives in guestagent's place (the better of
   `idle` and `static` for guest latency, `none` for the host's figures); the bound is
   never changed.
+- **Under TCG** the guest's timer interrupts are run by QEMU's main loop, so a boost
+  helps the guest only with the main loop boosted too: static boosts it, and so does
+  `serve`'s emulator policy. Each boosted thread spends the host service's budget while
+  it runs and earns it back only while unboosted, so under `guestagent` the boost comes
+  and goes (the stripes in the timeline; *time RT* gives the share of the window);
+  static has no budget. (Under KVM the in-kernel LAPIC timer does not go through the
+  main loop, and `serve` leaves the main loop alone there by default.)
 - A second guest that runs only batch work is not part of the run on a 2-CPU host.
 """
 
