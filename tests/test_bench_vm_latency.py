@@ -482,3 +482,19 @@ def test_host_load_counters_never_go_back() -> None:
             assert sample.work >= prev.work, (prev, sample)
             prev = sample
             assert time.monotonic() < deadline + 60, "the workers did no work in a minute"
+
+
+def test_a_guest_that_dies_at_boot_is_one_line(monkeypatch, capsys) -> None:
+    """QEMU under KVM that dies at start (here: an MSR the host's KVM refuses) left QMP
+    refusing the connection, and the benchmark ended in a traceback."""
+    from bench.vm_latency import run
+    from guestagent.errors import GuestagentError
+
+    def dies(args, argv):
+        raise GuestagentError("/tmp/x/qmp.sock: cannot talk QMP: Connection reset by peer")
+
+    monkeypatch.setattr(run, "run", dies)
+    assert run.main(["--seconds", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err == ("vm_latency: error: the guest: /tmp/x/qmp.sock: cannot talk QMP: "
+                   "Connection reset by peer\n")

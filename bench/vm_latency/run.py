@@ -54,6 +54,7 @@ from bench.vm_latency.timeline import (  # noqa: E402
     first_boost,
     segments,
 )
+from guestagent.errors import GuestagentError  # noqa: E402
 from testbed.vm import GuestConfig, GuestVM, VMError, missing_components  # noqa: E402
 
 MODES = report.MODES
@@ -373,6 +374,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(args, argv)
     except (BenchError, hostservice.ServiceError) as err:
         print(f"vm_latency: error: {err}", file=sys.stderr)
+        return 1
+    except GuestagentError as err:  # QMP refused at boot: QEMU died (KVM that does not work)
+        print(f"vm_latency: error: the guest: {hostservice.printable(str(err))}",
+              file=sys.stderr)
         return 1
     except VMError as err:  # its text ends with the guest console's last lines
         print(f"vm_latency: error: the guest: {hostservice.printable(str(err))}",
