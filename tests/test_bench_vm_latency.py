@@ -191,6 +191,16 @@ def test_segments_merge_runs_and_hold_until_the_next_sample() -> None:
     assert boosted_seconds(runs["m"], 3.5, 10.0) == 0.5  # clipped to the window
 
 
+def test_a_thread_that_exited_is_not_held_to_the_end() -> None:
+    """A worker last seen at FIFO that then exited counted as RT in every later mode."""
+    samples = [_s(t / 10, "m") for t in range(50)] + [_s(0.0, "w", 1, 1), _s(0.1, "w", 1, 1)]
+    runs = segments(samples, end=5.0, gone_after=0.5)
+    assert [(r.start, r.end, r.label) for r in runs["w"]] == [(0.0, 0.1, "fifo 1")]
+    assert runs["m"][-1].end == 5.0
+    held = segments(samples, end=5.0)  # without gone_after: sample-and-hold to the end
+    assert held["w"][-1].end == 5.0
+
+
 def test_boosted_by_mode_is_a_share_of_the_modes_windows() -> None:
     samples = [_s(0.0, "m"), _s(10.0, "m", 1, 1), _s(20.0, "m")]
     timeline = segments(samples, end=30.0)
@@ -299,6 +309,27 @@ def test_performance_md_names_command_machine_and_plot() -> None:
     assert "30 min" in text and "![latency histograms and thread timeline](performance.png)" \
         in text
     assert text.count("```") % 2 == 0
+    assert "why this length" not in text
+
+
+def test_performance_md_says_why_a_run_has_its_length() -> None:
+    text = performance_md(RunRecord("python3 -m bench.vm_latency --seconds 45", "now",
+                                    ["host: 2 CPUs"], 1200.0, ["a table"], ["t1"], ["r1"],
+                                    [], "performance.png", full=False,
+                                    note="the machine is shared"))
+    assert "- why this length: the machine is shared" in text
+    assert "**This record is of a short run**" in text
+
+
+def test_machine_lines_give_the_load_before_and_after(monkeypatch) -> None:
+    from bench.vm_latency import run
+
+    monkeypatch.setattr(run.os, "getloadavg", lambda: (3.0, 2.5, 2.0))
+    args = argparse.Namespace(load_per_cpu=2)
+    host = run.machine_lines("TCG", args, (0.5, 0.25, 0.125))[0]
+    assert "0.50 / 0.25 / 0.12 before the run" in host, host
+    assert "3.00 / 2.50 / 2.00 after it" in host, host
+    assert f"Linux {os.uname().release}" in host
 
 
 def test_png_is_written(tmp_path) -> None:
@@ -398,6 +429,29 @@ def test_static_rt_boosts_restores_and_resets_inherited_threads() -> None:
 
 
 @pytest.mark.root
+def test_static_rt_leaves_no_thread_rt_that_was_not_before() -> None:
+    """Every thread RT at the end and not before goes back, not only the new ones (a
+    thread pool worker stayed FIFO through every later mode of a run); one RT before
+    stays as it was."""
+    from bench.vm_latency.qemu_threads import static_rt
+
+    me = os.getpid()
+    boosted, bystander, own_rt = _Sleeper(), _Sleeper(), _Sleeper()
+    try:
+        os.sched_setscheduler(own_rt.tid, os.SCHED_FIFO, os.sched_param(5))
+        with static_rt(me, [boosted.tid]):
+            os.sched_setscheduler(bystander.tid, os.SCHED_FIFO, os.sched_param(1))
+        for t in (boosted, bystander):
+            assert os.sched_getscheduler(t.tid) == os.SCHED_OTHER
+        assert os.sched_getscheduler(own_rt.tid) == os.SCHED_FIFO
+        assert os.sched_getparam(own_rt.tid).sched_priority == 5
+    finally:
+        for t in (boosted, bystander, own_rt):
+            os.sched_setscheduler(t.tid, os.SCHED_OTHER, os.sched_param(0))
+            t.stop.set()
+
+
+@pytest.mark.root
 def test_pinned_moves_threads_and_puts_them_back() -> None:
     from bench.vm_latency.qemu_threads import pinned
 
@@ -412,3 +466,35 @@ def test_pinned_moves_threads_and_puts_them_back() -> None:
         assert os.sched_getaffinity(t.tid) == before
     finally:
         t.stop.set()
+
+
+def test_host_load_counters_never_go_back() -> None:
+    """Real workers, sampled as fast as the benchmark can: the work counted only grows.
+    (Workers that packed with struct.pack_into let a sample read a zeroed slot: a window
+    showed negative work/s and the next one too much.)"""
+    from bench.vm_latency.hostload import HostLoad
+
+    with HostLoad([sorted(os.sched_getaffinity(0))[0]], 2) as load:
+        first = prev = load.sample()
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline or prev.work == first.work:
+            sample = load.sample()
+            assert sample.work >= prev.work, (prev, sample)
+            prev = sample
+            assert time.monotonic() < deadline + 60, "the workers did no work in a minute"
+
+
+def test_a_guest_that_dies_at_boot_is_one_line(monkeypatch, capsys) -> None:
+    """QEMU under KVM that dies at start (here: an MSR the host's KVM refuses) left QMP
+    refusing the connection, and the benchmark ended in a traceback."""
+    from bench.vm_latency import run
+    from guestagent.errors import GuestagentError
+
+    def dies(args, argv):
+        raise GuestagentError("/tmp/x/qmp.sock: cannot talk QMP: Connection reset by peer")
+
+    monkeypatch.setattr(run, "run", dies)
+    assert run.main(["--seconds", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err == ("vm_latency: error: the guest: /tmp/x/qmp.sock: cannot talk QMP: "
+                   "Connection reset by peer\n")

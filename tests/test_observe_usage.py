@@ -65,3 +65,28 @@ def test_first_snapshot_has_no_usage_figures():
     with Observer(watch=False) as observer:
         snap = observer.snapshot(time.monotonic())
     assert snap.cpus.busy == {} and snap.cpus.lowprio == {}
+
+
+def test_the_observers_own_run_time_is_not_the_vcpus_workload():
+    """A vCPU running a nice-19 loop stays low-priority although the agent ran there too:
+    counting the agent's own sweeps kept a lowered vCPU at nice 0 (the slower the vCPU,
+    the larger the agent's share of it)."""
+    from dataclasses import replace
+
+    from helpers.snapshots import cpus, snap, thread
+
+    from guestagent.agent.config import default_config
+    from guestagent.agent.policy import wanted_hints
+    from guestagent.observe.cpus import with_lowprio_threads
+    from guestagent.protocol.model import Request
+
+    agent = replace(thread(500, last=0), tgid=400, cpu_ticks=130)  # 30 ticks in 1 s
+    before = {500: 100}
+    measured = cpus(busy={0: 1.0, 1: 0.0}, lowprio={0: 0.7, 1: 0.0})  # /proc/stat's view
+    mine = with_lowprio_threads(measured, [agent], before, 1.0, 100, own_tgid=400)
+    assert mine.busy[0] == pytest.approx(0.7) and mine.lowprio[0] == pytest.approx(0.7)
+    assert wanted_hints(snap(cpu_state=mine), default_config())[0].hint.request is Request.UNBOOST
+    # Someone else's nice-0 thread is the vCPU's work: no unboost.
+    other = with_lowprio_threads(measured, [agent], before, 1.0, 100, own_tgid=1)
+    assert other.busy[0] == pytest.approx(1.0)
+    assert wanted_hints(snap(cpu_state=other), default_config())[0].hint.request is not Request.UNBOOST

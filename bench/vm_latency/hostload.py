@@ -15,19 +15,21 @@ from collections.abc import Sequence
 from .figures import LoadSample
 
 UNIT_ITERATIONS = 20000  # one work unit: an empty Python loop of this many iterations
-# A worker adds its count to its own 8-byte slot of a shared file; nothing else is shared.
+# A worker stores its count in its own 8-byte slot of a shared file; nothing else is
+# shared. The store is one aligned 8-byte write through a "Q" view: struct.pack_into
+# zeroes the slot before it packs, and a sample taken between the two read 0.
 WORKER = f"""
-import mmap, os, struct, sys
+import mmap, os, sys
 path, slot, cpu = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 os.sched_setaffinity(0, {{cpu}})
 with open(path, "r+b") as f:
-    counters = mmap.mmap(f.fileno(), 0)
+    counters = memoryview(mmap.mmap(f.fileno(), 0)).cast("Q")
 done = 0
 while True:
     for _ in range({UNIT_ITERATIONS}):
         pass
     done += 1
-    struct.pack_into("Q", counters, slot * 8, done)
+    counters[slot] = done
 """
 
 

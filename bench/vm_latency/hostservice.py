@@ -28,15 +28,6 @@ class ServiceMode:
     argv: Callable[[GuestVM, str], list[str]]  # (the guest, the status socket) -> command
 
 
-def _run_argv(vm: GuestVM, status_socket: str) -> list[str]:
-    return [sys.executable, "-m", "guestagent.host.cli", "run", "--qmp", vm.peer_qmp_sock,
-            "--channel", vm.hints_sock, "--status-socket", status_socket]
-
-
-RUN_ONE_VM = ServiceMode("`guestagent-host run`, default limits: one VM, vCPU threads only",
-                         _run_argv)
-
-
 def _serve_argv(vm: GuestVM, status_socket: str) -> list[str]:
     """The host service for a whole host, confined to this guest: a drop-in names it, and
     an empty libvirt status directory keeps other people's domains on a shared machine out.
@@ -52,9 +43,12 @@ def _serve_argv(vm: GuestVM, status_socket: str) -> list[str]:
             "--status-socket", status_socket, "--state-dir", str(vm.workdir / "state")]
 
 
-SERVE = ServiceMode("`guestagent-host serve`, default limits, budgets and emulator policy",
-                    _serve_argv)
-HOST_SERVICE = RUN_ONE_VM  # how the host side is started; the one line to change
+# As a host runs it: `serve`, whose emulator policy ("follow" under TCG) boosts QEMU's main
+# loop beside a boosted vCPU, where the guest's timers run (`run` boosts vCPU threads only).
+HOST_SERVICE = ServiceMode(
+    "`guestagent-host serve`, default limits, budgets and emulator policy "
+    "(\"follow\" under TCG, \"never\" under KVM)",
+    _serve_argv)
 
 
 def service_unavailable() -> str | None:
@@ -103,6 +97,9 @@ def applied_summary(status_socket: str) -> str:
     if isinstance(emulator, dict):
         parts.append(f"main loop: {emulator.get('policy')}, budget left "
                      f"{emulator.get('budget_left')} s")
+    # Each expiry ended every boost until the agent's next heartbeat.
+    counters = doc.get("counters") or {}
+    parts.append(f"lease expired {counters.get('lease_expiries', 0)} times")
     return "; ".join(parts)
 
 

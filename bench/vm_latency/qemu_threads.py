@@ -15,6 +15,9 @@ from .timeline import MAIN_THREAD, ThreadSample
 # FIFO cyclictest so that one does not feel the sampler.
 SAMPLER_PRIORITY = 20
 SAMPLE_PERIOD = 0.02
+# A thread with no sample for this long, while others have them, has exited: the sampler
+# stops sampling a thread at once when it is gone (it finds new ones within a second).
+GONE_AFTER = 0.5
 PROBE_PERIOD = 0.001
 STATIC_PRIORITY = 1  # what Nova (hw:cpu_realtime), KubeVirt and libvirt's <vcpusched> set
 
@@ -111,12 +114,27 @@ def probe_boost(tids: dict[str, int], timeout: float) -> dict[str, float]:
     return seen
 
 
+def _rt(tid: int) -> bool:
+    return os.sched_getscheduler(tid) & 0xFF in (os.SCHED_FIFO, os.SCHED_RR)
+
+
+def rt_threads(pid: int) -> set[int]:
+    """The threads of QEMU ``pid`` at an RT policy now."""
+    out = set()
+    for tid in qemu_tasks(pid):
+        with contextlib.suppress(OSError):  # exited meanwhile
+            if _rt(tid):
+                out.add(tid)
+    return out
+
+
 @contextlib.contextmanager
 def static_rt(pid: int, tids: Iterable[int]) -> Iterator[None]:
     """Every given thread of QEMU ``pid`` SCHED_FIFO STATIC_PRIORITY while inside; the old
     policy after. Threads QEMU starts meanwhile inherit FIFO from their creator, as they do
-    under libvirt's static setting; those still RT at the end go back to SCHED_OTHER."""
-    before = set(qemu_tasks(pid))
+    under libvirt's static setting; after, every thread that was not RT before goes back
+    to SCHED_OTHER, checked until none is left (a thread can be started while we look)."""
+    was_rt = rt_threads(pid)
     saved: list[tuple[int, int, int]] = []
     try:
         for tid in tids:
@@ -127,11 +145,22 @@ def static_rt(pid: int, tids: Iterable[int]) -> Iterator[None]:
         for tid, policy, priority in saved:
             with contextlib.suppress(OSError):
                 os.sched_setscheduler(tid, policy, os.sched_param(priority))
+        for _ in range(10):
+            try:
+                left = rt_threads(pid) - was_rt
+            except OSError:
+                break  # QEMU is gone
+            if not left:
+                break
+            lower(left)
+            time.sleep(0.05)
+
+
+def lower(tids: Iterable[int]) -> None:
+    """SCHED_OTHER for each thread that still exists."""
+    for tid in tids:
         with contextlib.suppress(OSError):
-            for tid in set(qemu_tasks(pid)) - before:
-                with contextlib.suppress(OSError):
-                    if os.sched_getscheduler(tid) & 0xFF in (os.SCHED_FIFO, os.SCHED_RR):
-                        os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+            os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
 
 
 @contextlib.contextmanager

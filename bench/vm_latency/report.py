@@ -183,6 +183,7 @@ class RunRecord:
     delays: Sequence[str]
     png: str  # path relative to docs/
     full: bool = True  # every mode, the full length and rounds (else recorded with --record)
+    note: str = ""  # why this length (--note), when it is not the default
 
 
 METHOD = """\
@@ -194,8 +195,10 @@ starting one mode later:
 - `static`: the host load; every vCPU thread and QEMU's main loop SCHED_FIFO 1 for the
   whole window, as OpenStack Nova (`hw:cpu_realtime`), KubeVirt's realtime mode and
   libvirt's `<vcpusched>` do it;
-- `guestagent`: the host load; `guestagent run` in the guest, the host service beside
-  QEMU with its default limits;
+- `guestagent`: the host load; `guestagent run` in the guest, `guestagent-host serve`
+  beside QEMU with its default limits and budgets (0.5 s of boosted run time per thread,
+  earned back 1:1 while unboosted) and its default emulator policy, which under TCG
+  boosts QEMU's main loop while a vCPU is boosted;
 - `isolated`: vCPU 1's thread and the main loop alone on the last CPU, the host load and
   QEMU's other threads on the others: what an isolated CPU gives.
 
@@ -215,6 +218,13 @@ starting one mode later:
   line says what the best reference mode gives in guestagent's place (the better of
   `idle` and `static` for guest latency, `none` for the host's figures); the bound is
   never changed.
+- **Under TCG** the guest's timer interrupts are run by QEMU's main loop, so a boost
+  helps the guest only with the main loop boosted too: static boosts it, and so does
+  `serve`'s emulator policy. Each boosted thread spends the host service's budget while
+  it runs and earns it back only while unboosted, so under `guestagent` the boost comes
+  and goes (the stripes in the timeline; *time RT* gives the share of the window);
+  static has no budget. (Under KVM the in-kernel LAPIC timer does not go through the
+  main loop, and `serve` leaves the main loop alone there by default.)
 - A second guest that runs only batch work is not part of the run on a 2-CPU host.
 """
 
@@ -234,6 +244,7 @@ def performance_md(rec: RunRecord) -> str:
             "or fewer rounds than the defaults, so its figures are noisier.", ""]),
         f"- command: `{rec.command}`",
         f"- run: {rec.when}, {rec.duration_s / 60:.0f} min",
+        *([f"- why this length: {rec.note}"] if rec.note else []),
         *[f"- {line}" for line in rec.machine],
         "",
         "## Targets (ratios from this run)",

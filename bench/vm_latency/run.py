@@ -54,6 +54,7 @@ from bench.vm_latency.timeline import (  # noqa: E402
     first_boost,
     segments,
 )
+from guestagent.errors import GuestagentError  # noqa: E402
 from testbed.vm import GuestConfig, GuestVM, VMError, missing_components  # noqa: E402
 
 MODES = report.MODES
@@ -104,10 +105,21 @@ class Bench:
         batch = next(tid for v, tid in self.vcpus.items() if v != GUEST_RT_VCPU)
         return os.getpriority(os.PRIO_PROCESS, batch) > 0
 
+    def no_rt_left(self, mode: str) -> None:
+        """After a window no QEMU thread may stay RT into the next mode's; say so if one
+        did, and lower it."""
+        names = qemu_threads.qemu_tasks(self.vm.qemu_pid)
+        left = qemu_threads.rt_threads(self.vm.qemu_pid)
+        if left:
+            log(f"after {mode}: still RT, now lowered: "
+                + ", ".join(names.get(t, str(t)) for t in sorted(left)))
+            qemu_threads.lower(left)
+
     @contextlib.contextmanager
     def mode(self, mode: str, round_: int) -> Iterator[None]:
         """The host as the mode wants it, for the length of one window."""
         with contextlib.ExitStack() as stack:
+            stack.callback(self.no_rt_left, mode)
             if mode == "idle":
                 self.load.pause()
                 stack.callback(self.load.resume)
@@ -188,7 +200,10 @@ class Bench:
 # --- the run ---------------------------------------------------------------------------
 
 
-def machine_lines(accel: str, args: argparse.Namespace) -> list[str]:
+def machine_lines(accel: str, args: argparse.Namespace,
+                  load_before: tuple[float, float, float]) -> list[str]:
+    """The host, the guest and the load, for the record; called at the end of the run, so
+    the load average is given as it was before and as it is after."""
     def first(cmd: Sequence[str]) -> str:
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout
@@ -200,7 +215,7 @@ def machine_lines(accel: str, args: argparse.Namespace) -> list[str]:
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
                      model)
-    load1, load5, _ = os.getloadavg()
+    after = os.getloadavg()
     rt = "unknown"
     with contextlib.suppress(OSError, ValueError):
         with open("/proc/sys/kernel/sched_rt_runtime_us") as f:
@@ -209,7 +224,8 @@ def machine_lines(accel: str, args: argparse.Namespace) -> list[str]:
             rt = "none" if runtime < 0 else f"{runtime / int(f.read()):.0%} of each period"
     return [
         f"host: {os.cpu_count()} CPUs ({model}), Linux {platform.release()}, "
-        f"load average {load1:.2f} / {load5:.2f} at the start; RT throttling: {rt}",
+        f"load average (1 / 5 / 15 min) {_loadavg(load_before)} before the run, "
+        f"{_loadavg(after)} after it (the run's own load included); RT throttling: {rt}",
         f"guest: {first(['qemu-system-x86_64', '--version'])}, accelerator {accel}, "
         f"2 vCPUs, 1 GiB, virtme-ng",
         f"host load: {args.load_per_cpu} busy workers pinned to each of the "
@@ -219,6 +235,10 @@ def machine_lines(accel: str, args: argparse.Namespace) -> list[str]:
         f"host service (mode guestagent): {hostservice.HOST_SERVICE.title}",
         "second, batch-only guest: not run (a 2-CPU host has no room for it)",
     ]
+
+
+def _loadavg(avg: Sequence[float]) -> str:
+    return " / ".join(f"{v:.2f}" for v in avg)
 
 
 def check_environment(modes: Sequence[str]) -> None:
@@ -249,6 +269,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         raise BenchError(f"unknown mode(s) {', '.join(unknown)}; choose from "
                          f"{', '.join(MODES)}")
     check_environment(modes)
+    load_before = os.getloadavg()
     began = time.monotonic()
     results: list[WindowResult] = []
     windows: list[Window] = []
@@ -271,8 +292,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             windows.append(window)
         measured = time.monotonic()
         samples = sampler.snapshot()
-        machine = machine_lines(accel, args)
-    timeline = segments(samples, end=windows[-1].end)
+        machine = machine_lines(accel, args, load_before)
+    timeline = segments(samples, end=windows[-1].end, gone_after=qemu_threads.GONE_AFTER)
     figures = mode_figures(results, boosted_by_mode(timeline, windows))
     tables = [report.latency_table(figures, args.hist_us), report.host_table(figures)]
     targets, references = target_lines(figures), reference_lines(figures)
@@ -298,7 +319,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             command=command.strip(),
             when=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             machine=machine, duration_s=total, tables=tables, targets=targets,
-            references=references, delays=delays, png=DOC_PNG.name, full=full)))
+            references=references, delays=delays, png=DOC_PNG.name, full=full,
+            note=args.note)))
         print(f"recorded: {DOC.relative_to(REPO_ROOT)} and {DOC_PNG.relative_to(REPO_ROOT)}")
     else:
         print(f"not recorded in {DOC.relative_to(REPO_ROOT)}: a short run (a full run has "
@@ -342,6 +364,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="where to write the plot (default bench/out/vm_latency.png)")
     parser.add_argument("--record", action="store_true",
                         help="write docs/performance.md even for a short run")
+    parser.add_argument("--note", default="",
+                        help="one sentence for docs/performance.md: why this run's length")
     args = parser.parse_args(argv)
     for name in ("seconds", "rounds", "load_per_cpu", "hist_us"):
         if getattr(args, name) < 1:
@@ -350,6 +374,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(args, argv)
     except (BenchError, hostservice.ServiceError) as err:
         print(f"vm_latency: error: {err}", file=sys.stderr)
+        return 1
+    except GuestagentError as err:  # QMP refused at boot: QEMU died (KVM that does not work)
+        print(f"vm_latency: error: the guest: {hostservice.printable(str(err))}",
+              file=sys.stderr)
         return 1
     except VMError as err:  # its text ends with the guest console's last lines
         print(f"vm_latency: error: the guest: {hostservice.printable(str(err))}",

@@ -56,16 +56,26 @@ class Window:
     end: float
 
 
-def segments(samples: Iterable[ThreadSample], end: float) -> dict[str, list[Segment]]:
-    """Per thread name, runs of one scheduling state; the last run ends at ``end``."""
+def segments(samples: Iterable[ThreadSample], end: float,
+             gone_after: float | None = None) -> dict[str, list[Segment]]:
+    """Per thread name, runs of one scheduling state; the last run ends at ``end``, or,
+    with ``gone_after``, at the thread's last sample if the newest sample of any thread
+    is more than ``gone_after`` later: the thread has exited (a thread pool worker that
+    ended at FIFO must not count as RT for the rest of the run)."""
+    ordered = sorted(samples, key=lambda s: s.t)
+    newest = ordered[-1].t if ordered else end
     by_thread: dict[str, list[ThreadSample]] = {}
-    for s in sorted(samples, key=lambda s: s.t):
+    for s in ordered:
         by_thread.setdefault(s.name, []).append(s)
     out: dict[str, list[Segment]] = {}
     for name, series in by_thread.items():
+        gone = gone_after is not None and newest - series[-1].t > gone_after
         runs: list[Segment] = []
         for i, s in enumerate(series):
-            stop = series[i + 1].t if i + 1 < len(series) else max(end, s.t)
+            if i + 1 < len(series):
+                stop = series[i + 1].t
+            else:
+                stop = s.t if gone else max(end, s.t)
             if runs and runs[-1].label == s.label and runs[-1].end == s.t:
                 runs[-1] = Segment(runs[-1].start, stop, s.label, s.boosted)
             else:

@@ -29,6 +29,7 @@ spin.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -98,6 +99,7 @@ class Observer:
             raise
         self._said: set = set()
         self._lowprio_ticks: dict[int, int] = {}  # tid -> cpu ticks at the last full snapshot
+        self._own_tgid = os.getpid()  # our own run time is not the vCPUs' workload
         self._last_full: Snapshot | None = None
         self._cost = 0.0  # smoothed CPU time of one snapshot, s
         self._last_cost = 0.0  # CPU time of the newest snapshot, s
@@ -232,8 +234,10 @@ class Observer:
                                      for line in self._follow_cpus(cpus.online)]
             if last is not None:
                 cpus = with_lowprio_threads(cpus, threads, self._lowprio_ticks,
-                                            now - last.taken_at, self.kernel.clock_ticks())
-            self._lowprio_ticks = {t.tid: t.cpu_ticks for t in threads if t.is_lowprio}
+                                            now - last.taken_at, self.kernel.clock_ticks(),
+                                            own_tgid=self._own_tgid)
+            self._lowprio_ticks = {t.tid: t.cpu_ticks for t in threads
+                                   if t.is_lowprio or t.tgid == self._own_tgid}
             notes = thread_notes + take_new_notes(irq_notes + cpu_notes, self._said)
         else:
             assert last is not None

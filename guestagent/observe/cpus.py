@@ -86,23 +86,30 @@ def isolated_partitions(kernel: Kernel, root: str) -> frozenset[int]:
 
 def with_lowprio_threads(cpus: CpuState, threads: Iterable[ThreadInfo],
                          prev_ticks: Mapping[int, int], seconds: float,
-                         hz: int) -> CpuState:
+                         hz: int, own_tgid: int | None = None) -> CpuState:
     """Add the CPU time of SCHED_BATCH/IDLE and niced threads to each CPU's lowprio share.
 
     /proc/stat's nice column misses SCHED_BATCH and SCHED_IDLE work at nice 0;
     the threads' own run time, charged to the CPU they last ran on, covers it.
     The larger of the two estimates counts, capped by the CPU's busy share.
+    The observing process's own threads (``own_tgid``) that are not low-priority are
+    taken out of busy: the agent's sweeps are not the vCPU's workload, and counting them
+    would keep a vCPU the agent runs on from looking low-priority, the more so once the
+    host has lowered it and the agent's share of it grows.
     """
     if seconds <= 0 or not cpus.busy:
         return cpus
     ran: dict[int, float] = {}
+    own: dict[int, float] = {}
     for t in threads:
-        if t.is_lowprio and t.tid in prev_ticks:
+        if (t.is_lowprio or t.tgid == own_tgid) and t.tid in prev_ticks:
             delta = max(0, t.cpu_ticks - prev_ticks[t.tid]) / hz / seconds
-            ran[t.last_cpu] = ran.get(t.last_cpu, 0.0) + delta
-    lowprio = {cpu: min(busy, max(cpus.lowprio.get(cpu, 0.0), ran.get(cpu, 0.0)))
-               for cpu, busy in cpus.busy.items()}
-    return replace(cpus, lowprio=lowprio)
+            into = ran if t.is_lowprio else own
+            into[t.last_cpu] = into.get(t.last_cpu, 0.0) + delta
+    busy = {cpu: max(0.0, b - own.get(cpu, 0.0)) for cpu, b in cpus.busy.items()}
+    lowprio = {cpu: min(b, max(cpus.lowprio.get(cpu, 0.0), ran.get(cpu, 0.0)))
+               for cpu, b in busy.items()}
+    return replace(cpus, busy=busy, lowprio=lowprio)
 
 
 def _fractions(prev: Mapping[int, CpuTimes], cur: Mapping[int, CpuTimes], column: str,
