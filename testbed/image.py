@@ -16,7 +16,9 @@ The guest has no network: the apt sources are removed and cloud-init only
 looks for a NoCloud seed.
 
 Also here: the local apt repository disk holding .debs built from the tree,
-the NoCloud seed disk, and a variant of the image with a .deb preinstalled.
+the NoCloud seed disk, and a variant of the image with the .debs preinstalled
+(built per run beside the test's files, never cached: the .debs change with
+every commit, the cached image does not).
 """
 
 from __future__ import annotations
@@ -249,27 +251,43 @@ def _customize(tree: Path, debs: Sequence[Path]) -> None:
         (tree / "tmp" / deb.name).unlink()
 
 
-def build_image(debs: Sequence[Path] = (), mirror: str | None = None) -> GuestImage:
-    """The cached image (with ``debs`` preinstalled), built first if it is not there.
+def build_image(mirror: str | None = None) -> GuestImage:
+    """The cached image, built first if it is not there.
 
     Two stages, cached apart: the Debian tree (mmdebstrap, minutes) keyed on the
-    package list, and the root disk (a copy of the tree with the test fixtures
-    and the .debs, then mke2fs; seconds) keyed on that and on their content.
+    package list, and the root disk (a copy of the tree with the test fixtures,
+    then mke2fs; seconds) keyed on that and on the fixtures. Nothing built from
+    this working tree goes in, so every commit on this machine reuses it.
     """
-    tree = _debian_tree(mirror if mirror is not None
-                        else os.environ.get("GUESTAGENT_IMAGE_MIRROR", ""))
-    key = _key(tree.key, FILES, LINKS, _sha256(GUEST_CTL), ROOT_SIZE,
-               [_sha256(d) for d in debs])
+    tree = _tree(mirror)
+    key = _key(tree.key, FILES, LINKS, _sha256(GUEST_CTL), ROOT_SIZE)
     with _locked(f"image-{key}") as entry:
         root = entry / "root.ext4"
         if not root.exists():
             entry.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=entry) as tmp:
-                copy = Path(tmp) / "tree"
-                _run(["cp", "-a", str(tree.path), str(copy)], "copy the Debian tree")
-                _customize(copy, debs)
-                _mke2fs(copy, root, ROOT_SIZE)
+            _root_disk(tree, root, ())
         return GuestImage(root, tree.kernels, key)
+
+
+def preinstalled_image(debs: Sequence[Path], out: Path, mirror: str | None = None) -> GuestImage:
+    """The image with ``debs`` installed by dpkg, written to ``out`` (not cached:
+    the .debs change with every commit). Costs a copy of the cached tree and mke2fs."""
+    tree = _tree(mirror)
+    _root_disk(tree, out, debs)
+    return GuestImage(out, tree.kernels, _key(tree.key, [_sha256(d) for d in debs]))
+
+
+def _tree(mirror: str | None) -> _Tree:
+    return _debian_tree(mirror if mirror is not None
+                        else os.environ.get("GUESTAGENT_IMAGE_MIRROR", ""))
+
+
+def _root_disk(tree: _Tree, out: Path, debs: Sequence[Path]) -> None:
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        copy = Path(tmp) / "tree"
+        _run(["cp", "-a", str(tree.path), str(copy)], "copy the Debian tree")
+        _customize(copy, debs)
+        _mke2fs(copy, out, ROOT_SIZE)
 
 
 # --- the disks attached beside the root ------------------------------------------------

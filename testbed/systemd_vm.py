@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from guestagent.errors import GuestagentError
 from testbed.image import GuestImage, Kernel
 from testbed.vm import HINTS_PORT, GuestConfig, GuestVM, VMError, use_kvm
 
@@ -38,6 +39,9 @@ class Disk:
     readonly: bool = False
     snapshot: bool = False  # writes go to a throwaway overlay
     queues: int = 0  # virtio-blk num-queues; 0: QEMU's default
+    # False: no MSI-X vectors, so the disk interrupts through a legacy INTx line, whose
+    # affinity the guest may set (the kernel manages MSI-X vectors' affinity itself).
+    msix: bool = True
 
 
 def missing_components() -> list[str]:
@@ -79,6 +83,7 @@ class SystemdGuest(GuestVM):
             opts += ",snapshot=on" if disk.snapshot else ""
             dev = f"virtio-blk-pci,drive=gadisk{i},serial={disk.serial}"
             dev += f",num-queues={disk.queues}" if disk.queues else ""
+            dev += "" if disk.msix else ",vectors=0"
             cmd += ["-drive", opts, "-device", dev]
         return cmd + self.qemu_opts()
 
@@ -99,13 +104,14 @@ class SystemdGuest(GuestVM):
 
     def close(self) -> None:
         # The command server's `exit` would only restart the service: stop QEMU instead.
-        if self._qmp is not None and self.alive():
-            try:
-                self._qmp.execute("quit", timeout=5)
-            except (VMError, OSError):
-                pass
-        self._ready = False
-        super().close()
+        try:
+            if self._qmp is not None and self.alive():
+                self._qmp.execute("quit")
+        except (VMError, GuestagentError, OSError):
+            pass  # QEMU may exit before it replies
+        finally:  # QEMU is killed and its files removed whatever happened above
+            self._ready = False
+            super().close()
 
     # -- acting in the guest
 

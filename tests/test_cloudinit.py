@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from guestagent.agent.config import parse_config, render_default_toml
-from guestagent.cli.cloudinit import user_data, yaml_text
+from guestagent.cli.cloudinit import STAGED_PATH, user_data, yaml_text
 
 ROOT = Path(__file__).resolve().parent.parent
 CLOUD_INIT = ROOT / "cloud-init"
@@ -49,12 +49,12 @@ def test_shipped_file_is_valid_cloud_config(name):
 
 @needs_cloud_init
 def test_schema_check_rejects_a_wrong_type(tmp_path):
-    # The validator really validates: defer must be a boolean.
+    # The validator really validates: package_update must be a boolean.
     bad = tmp_path / "bad.yaml"
     bad.write_text((CLOUD_INIT / "user-data.yaml").read_text()
-                   .replace("defer: true", "defer: later"))
+                   .replace("package_update: true", "package_update: later"))
     proc = schema_check(bad)
-    assert proc.returncode != 0 and "defer" in proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "package_update" in proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("name,flags", sorted(SHIPPED.items()))
@@ -68,18 +68,60 @@ def test_shipped_file_is_the_commands_output(name, flags):
         f"regenerate cloud-init/{name} (see cloud-init/guestagent.toml)"
 
 
-def test_user_data_installs_writes_deferred_and_enables():
+def test_user_data_installs_then_moves_the_staged_config_and_enables():
     doc = yaml.safe_load((CLOUD_INIT / "user-data.yaml").read_text())
     assert doc["packages"] == ["guestagent"]
     (entry,) = doc["write_files"]
-    assert entry["path"] == "/etc/guestagent/guestagent.toml" and entry["defer"] is True
+    # Staged outside the package's conffile path: see install_script_* below.
+    assert entry["path"] == STAGED_PATH and "defer" not in entry
     assert entry["content"] == EXAMPLE.read_text()
     parse_config(entry["content"].encode(), "embedded")
-    assert doc["runcmd"] == [["systemctl", "enable", "guestagent.service"],
-                             ["systemctl", "restart", "guestagent.service"]]
+    ((sh, flags, script),) = doc["runcmd"]
+    assert (sh, flags) == ("sh", "-ec")
+    assert f"install -m 0644 {STAGED_PATH} /etc/guestagent/guestagent.toml" in script
+    assert script.index("install -m") < script.index("systemctl enable guestagent.service") \
+        < script.index("systemctl restart guestagent.service")
     preinstalled = yaml.safe_load((CLOUD_INIT / "vendor-data.yaml").read_text())
     assert "packages" not in preinstalled
     assert preinstalled["write_files"] == doc["write_files"]
+    assert preinstalled["runcmd"] == doc["runcmd"]
+
+
+def run_install_script(tmp_path: Path, with_package: bool) -> subprocess.CompletedProcess:
+    """runcmd's script under sh with the paths moved into tmp_path and stand-in
+    guestagent and systemctl commands on PATH (no systemd is PID 1 here)."""
+    script = yaml.safe_load((CLOUD_INIT / "user-data.yaml").read_text())["runcmd"][0][2]
+    staged, conf, bin_dir = tmp_path / "staged.toml", tmp_path / "etc/guestagent.toml", \
+        tmp_path / "bin"
+    staged.write_text(EXAMPLE.read_text())
+    conf.parent.mkdir()
+    bin_dir.mkdir()
+    stubs = {"systemctl": f'echo "$@" >> {tmp_path}/systemctl.log\n'}
+    if with_package:
+        stubs["guestagent"] = "exit 0\n"
+    for name, body in stubs.items():
+        (bin_dir / name).write_text("#!/bin/sh\n" + body)
+        (bin_dir / name).chmod(0o755)
+    script = script.replace(STAGED_PATH, str(staged)).replace(
+        "/etc/guestagent/guestagent.toml", str(conf))
+    return subprocess.run(["sh", "-ec", script], capture_output=True, text=True, timeout=30,
+                          env={"PATH": f"{bin_dir}:/usr/bin:/bin"})
+
+
+def test_install_script_without_the_package_fails_and_writes_nothing(tmp_path):
+    proc = run_install_script(tmp_path, with_package=False)
+    assert proc.returncode == 1 and "guestagent is not installed" in proc.stderr
+    assert not (tmp_path / "etc/guestagent.toml").exists()
+    assert not (tmp_path / "systemctl.log").exists()
+
+
+def test_install_script_with_the_package_moves_the_config_and_restarts(tmp_path):
+    proc = run_install_script(tmp_path, with_package=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "etc/guestagent.toml").read_text() == EXAMPLE.read_text()
+    assert not (tmp_path / "staged.toml").exists()
+    assert (tmp_path / "systemctl.log").read_text() == \
+        "enable guestagent.service\nrestart guestagent.service\n"
 
 
 @needs_cloud_init
@@ -130,7 +172,7 @@ def test_any_text_round_trips_through_yaml(text):
 def test_user_data_embeds_any_config_text_exactly(text, source):
     doc = yaml.safe_load(user_data(text, source=source))
     assert doc["write_files"][0]["content"] == text
-    assert doc["runcmd"][0] == ["systemctl", "enable", "guestagent.service"]
+    assert doc["runcmd"][0][:2] == ["sh", "-ec"]
 
 
 

@@ -139,7 +139,8 @@ exec chroot "$M" "$@"
         proc = subprocess.run(
             ["unshare", "--mount", "--propagation", "private", "sh", "-c", self.SETUP,
              "setup", str(self.mnt), "env", "-i", *(f"{k}={v}" for k, v in CLEAN_ENV.items()),
-             *cmd], env=env, capture_output=True, text=True, timeout=120)
+             *cmd], env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+            timeout=120)
         if check and proc.returncode != 0:
             pytest.fail(f"in install root: {' '.join(cmd)} exited {proc.returncode}:\n"
                         f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -338,6 +339,20 @@ def test_installed_unit_passes_systemd_analyze_verify(installed):
     proc = installed.run("systemd-analyze", "verify", "/lib/systemd/system/guestagent.service",
                          check=False)
     assert proc.returncode == 0 and proc.stdout + proc.stderr == "", proc.stderr
+
+
+def test_a_config_written_before_the_package_stops_dpkg(debs, tmp_path):
+    """Why cloud-init's user-data stages the config and moves it only once the package
+    is installed: a file already at the conffile path, which no package owns, makes
+    `dpkg -i` stop at the conffile prompt (here: end of file on stdin)."""
+    root = InstallRoot(tmp_path)
+    for name in ("python3-guestagent", "guestagent"):
+        root.add(f"/root/{name}.deb", debs[name].read_bytes())
+    root.add("/etc/guestagent/guestagent.toml", b"[policy]\n")
+    proc = root.run("dpkg", "-i", "/root/python3-guestagent.deb", "/root/guestagent.deb",
+                    check=False)
+    assert proc.returncode != 0, proc.stdout
+    assert "conffile prompt" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
 
 
 def test_installed_udev_rule_parses(installed):

@@ -1,10 +1,15 @@
 """`guestagent cloud-init`: user-data that reproduces this guest's setup elsewhere.
 
 The output is #cloud-config YAML for pasting into a cloud console: install the
-package (unless the image already has it), write the current configuration file
-once the package is in place, then enable and (re)start the unit. It is built
-as text, since PyYAML is not a runtime dependency; the config file is embedded
-verbatim so its comments survive.
+package (unless the image already has it), put the current configuration file
+in place once the package is there, then enable and (re)start the unit. It is
+built as text, since PyYAML is not a runtime dependency; the config file is
+embedded verbatim so its comments survive.
+
+write_files stages the file under /run, and runcmd moves it to the package's
+conffile only if the package is installed. Written there directly, a failed
+install would leave a file at the conffile path that no package owns, and a
+later `apt-get install` would stop at dpkg's conffile prompt.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from dataclasses import dataclass
 
 PACKAGE = "guestagent"
 UNIT = "guestagent.service"
+CONFIG_PATH = "/etc/guestagent/guestagent.toml"
+STAGED_PATH = "/run/guestagent-cloud-init.toml"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -127,7 +134,7 @@ def repo_lines(repo: PackageSource) -> list[str]:
 
 
 def user_data(config_text: str, source: str, install: bool = True,
-              config_path: str = "/etc/guestagent/guestagent.toml",
+              config_path: str = CONFIG_PATH,
               repo: PackageSource | None = None) -> str:
     """#cloud-config user-data embedding config_text as the guest's config file."""
     lines = [
@@ -138,29 +145,42 @@ def user_data(config_text: str, source: str, install: bool = True,
         lines += repo_lines(repo)
     if install:
         lines += [
-            "# Installs the package, then writes the configuration once the package's",
-            "# own default is in place (defer), then enables and restarts the unit.",
+            "# Installs the package, then puts the configuration in place if the",
+            "# package is there (a failed install leaves its conffile path alone),",
+            "# then enables and restarts the unit.",
             "package_update: true",
             "packages:",
             f"  - {PACKAGE}",
         ]
     else:
         lines += [
-            "# For images that already contain the package: writes the configuration,",
-            "# then enables and restarts the unit so that it reads it.",
+            "# For images that already contain the package: puts the configuration",
+            "# in place, then enables and restarts the unit so that it reads it.",
         ]
     lines += [
         "write_files:",
-        f"  - path: {config_path}",
+        f"  - path: {STAGED_PATH}",
         "    owner: root:root",
         "    permissions: '0644'",
-        "    defer: true",
         "    content: " + yaml_text(config_text, indent=6),
         "runcmd:",
-        f"  - [systemctl, enable, {UNIT}]",
-        f"  - [systemctl, restart, {UNIT}]",
+        "  - - sh",
+        "    - -ec",
+        "    - " + yaml_text(install_script(config_path), indent=6),
     ]
     return "\n".join(lines) + "\n"
+
+
+def install_script(config_path: str) -> str:
+    """runcmd's shell script: the staged config to its place, then the unit."""
+    return (f"if ! command -v {PACKAGE} >/dev/null; then\n"
+            f"  echo \"{PACKAGE} is not installed: {config_path} not written\" >&2\n"
+            "  exit 1\n"
+            "fi\n"
+            f"install -m 0644 {STAGED_PATH} {config_path}\n"
+            f"rm -f {STAGED_PATH}\n"
+            f"systemctl enable {UNIT}\n"
+            f"systemctl restart {UNIT}\n")
 
 
 def one_line(text: str) -> str:
