@@ -247,6 +247,22 @@ def test_each_deb_ships_its_side_only(debs):
         assert f"python3-guestagent (= {__version__}-1)" in depends[side]
 
 
+@pytest.mark.parametrize("name", ["guestagent", "guestagent-host"])
+def test_an_upgrade_restarts_the_unit_and_removal_stops_it(debs, name, tmp_path):
+    # The image tests watch this happen in a guest with systemd; the host package's
+    # scripts are read here, since the host service cannot run under systemd on this
+    # machine. An upgrade must not leave a running service stopped, and removal must
+    # not leave it running without its files (for the host service, stopping it is
+    # what restores QEMU's threads).
+    run(["dpkg-deb", "-e", str(debs[name]), str(tmp_path)])
+    unit = f"{name}.service"
+    scripts = {s: (tmp_path / s).read_text() if (tmp_path / s).exists() else ""
+               for s in ("preinst", "postinst", "prerm")}
+    assert "try-restart" in scripts["postinst"] and unit in scripts["postinst"]
+    assert f"deb-systemd-invoke stop {unit}" in scripts["prerm"]
+    assert "deb-systemd-invoke stop" not in scripts["preinst"]
+
+
 def test_installed_deb_runs_with_debian_python(installed):
     version = installed.run("guestagent", "--version")
     assert version.stdout.strip() == f"guestagent {__version__}"
