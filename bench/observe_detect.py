@@ -92,7 +92,6 @@ class AgentLoop:
         self.obs, self.budget, self.floor, self.run = obs, budget, floor, run
         now = time.monotonic()
         obs.snapshot(now)
-        self.fds = obs.fds() + [extra_fd]
         self.extra_fd = extra_fd
         self.interval = floor
         self.next_sweep, self.next_full = now + floor, now + FULL_INTERVAL
@@ -104,7 +103,8 @@ class AgentLoop:
         now = time.monotonic()
         due = [d for d in (self.next_sweep, obs.deadline(), until) if d is not None]
         extra = False
-        for fd in select.select(self.fds, [], [], max(0.0, min(due) - now))[0]:
+        fds = obs.fds() + [self.extra_fd]  # they change: batching, exit watches, hotplug
+        for fd in select.select(fds, [], [], max(0.0, min(due) - now))[0]:
             if fd == self.extra_fd:
                 extra = True
             else:
@@ -151,42 +151,44 @@ def measure(trials: int, budget: float, floor: float, max_pause: float, quiet: f
         trigger_process(cmd_r, out_w)
     os.close(cmd_r)
     os.close(out_w)
-    run = Run()
-    with Observer() as obs:
-        run.mode = obs.thread_mode
-        loop = AgentLoop(obs, budget, floor, run, out_r)
-        # steady state first: the loop alone, as an agent spends most of its life
-        wall0, cpu0 = time.monotonic(), time.thread_time()
-        while time.monotonic() < wall0 + quiet:
-            loop.step(wall0 + quiet)
-        run.quiet_cpu = (time.thread_time() - cpu0) / max(1e-9, time.monotonic() - wall0)
-        run.quiet_sweeps, run.sweeps, run.young_sweeps, run.full_sweeps = run.sweeps, 0, 0, 0
-        run.young_cpu, run.costs = 0.0, []
-        buf = b""
-        wall0, cpu0 = time.monotonic(), time.thread_time()
-        for _ in range(trials):
-            next_trial = time.monotonic() + random.uniform(0, max_pause)
-            started = False
-            want: tuple[int, float] | None = None
-            while True:
-                if not started and time.monotonic() >= next_trial:
-                    os.write(cmd_w, b"g")
-                    started = True
-                if loop.step(None if started else next_trial):
-                    buf += os.read(out_r, 4096)
-                    while b"\n" in buf:
-                        line, buf = buf.split(b"\n", 1)
-                        tid, t0 = line.split()
-                        want = (int(tid), float(t0))
-                if want is not None and want[0] in loop.first_seen:
-                    run.latencies.append(loop.first_seen[want[0]] - want[1])
-                    break
-        run.wall = time.monotonic() - wall0
-        run.cpu = time.thread_time() - cpu0
-        run.interval = loop.interval
-    os.close(cmd_w)
-    os.waitpid(pid, 0)
-    os.close(out_r)
+    try:
+        run = Run()
+        with Observer() as obs:
+            run.mode = obs.thread_mode
+            loop = AgentLoop(obs, budget, floor, run, out_r)
+            # steady state first: the loop alone, as an agent spends most of its life
+            wall0, cpu0 = time.monotonic(), time.thread_time()
+            while time.monotonic() < wall0 + quiet:
+                loop.step(wall0 + quiet)
+            run.quiet_cpu = (time.thread_time() - cpu0) / max(1e-9, time.monotonic() - wall0)
+            run.quiet_sweeps, run.sweeps, run.young_sweeps, run.full_sweeps = run.sweeps, 0, 0, 0
+            run.young_cpu, run.costs = 0.0, []
+            buf = b""
+            wall0, cpu0 = time.monotonic(), time.thread_time()
+            for _ in range(trials):
+                next_trial = time.monotonic() + random.uniform(0, max_pause)
+                started = False
+                want: tuple[int, float] | None = None
+                while True:
+                    if not started and time.monotonic() >= next_trial:
+                        os.write(cmd_w, b"g")
+                        started = True
+                    if loop.step(None if started else next_trial):
+                        buf += os.read(out_r, 4096)
+                        while b"\n" in buf:
+                            line, buf = buf.split(b"\n", 1)
+                            tid, t0 = line.split()
+                            want = (int(tid), float(t0))
+                    if want is not None and want[0] in loop.first_seen:
+                        run.latencies.append(loop.first_seen[want[0]] - want[1])
+                        break
+            run.wall = time.monotonic() - wall0
+            run.cpu = time.thread_time() - cpu0
+            run.interval = loop.interval
+    finally:  # the helper (which holds our thread holders' pipes too) ends
+        os.close(cmd_w)
+        os.waitpid(pid, 0)
+        os.close(out_r)
     return run
 
 
