@@ -15,8 +15,12 @@ is from that clock reading to the end of the first snapshot that lists the
 thread as FIFO. The CPU figures are the CPU time of the whole observing loop
 (events, young checks, sweeps) over wall time: "steady" for --quiet-s seconds
 before the trials (the loop alone, as an agent spends most of its life), and
-during the trials; what each new RT thread costs is the trials' CPU time
-beyond the steady share, divided by the trials.
+during the trials. What each new RT thread costs is the trials' CPU time beyond
+the steady share, divided by the trials, counted two ways: "all" takes every
+CPU second as it comes; "beside the periodic sweeps" leaves out the sweeps
+that the budget schedules anyway (in both periods: their cadence follows their
+smoothed cost, so the two periods may hold different numbers of them), and
+keeps the sweeps that a trial triggered (the young sweeps).
 Targets: p99 <= 50 ms with 1,000 threads, <= 10 ms with 10,000; agent CPU at
 most 0.5 % of one CPU at steady state, at most 0.5 ms of CPU per new RT thread.
 Run as root: python3 bench/observe_detect.py [--threads 1000,10000] [--trials 200]
@@ -77,6 +81,7 @@ class Run:
     young_cpu: float = 0.0  # CPU time of the snapshots young threads triggered
     refreshes: int = 0  # snapshots that re-read only the threads that changed
     quiet_cpu: float = 0.0  # CPU share of the loop with no trials running
+    quiet_sweep_cpu: float = 0.0  # CPU share of its periodic sweeps
     quiet_sweeps: int = 0
     cpu: float = 0.0  # CPU time of the observing loop during the trials
     wall: float = 0.0
@@ -160,7 +165,9 @@ def measure(trials: int, budget: float, floor: float, max_pause: float, quiet: f
             wall0, cpu0 = time.monotonic(), time.thread_time()
             while time.monotonic() < wall0 + quiet:
                 loop.step(wall0 + quiet)
-            run.quiet_cpu = (time.thread_time() - cpu0) / max(1e-9, time.monotonic() - wall0)
+            quiet_wall = max(1e-9, time.monotonic() - wall0)
+            run.quiet_cpu = (time.thread_time() - cpu0) / quiet_wall
+            run.quiet_sweep_cpu = (sum(run.costs) - run.young_cpu) / quiet_wall
             run.quiet_sweeps, run.sweeps, run.young_sweeps, run.full_sweeps = run.sweeps, 0, 0, 0
             run.young_cpu, run.costs = 0.0, []
             buf = b""
@@ -221,7 +228,10 @@ def main() -> int:
             verdict = "" if target is None else \
                 f" (target <= {target:.0f} ms) {'OK' if p99 <= target else 'MISSED'}"
             share, steady = run.cpu / run.wall, run.quiet_cpu
-            per_rt = max(0.0, run.cpu - steady * run.wall) / max(1, len(ms)) * 1e3
+            per_rt_all = max(0.0, run.cpu - steady * run.wall) / max(1, len(ms)) * 1e3
+            periodic = sum(run.costs) - run.young_cpu  # sweeps the budget schedules anyway
+            per_rt = max(0.0, (run.cpu - periodic)
+                         - (steady - run.quiet_sweep_cpu) * run.wall) / max(1, len(ms)) * 1e3
             print(f"\n== {total} extra threads ({live} live), budget {args.budget:g} % of a CPU, "
                   f"thread tracking: {run.mode} ==")
             print(f"detection over {len(ms)} trials: p50 {percentile(ms, 50):.1f} ms, "
@@ -231,7 +241,8 @@ def main() -> int:
                   f"({run.quiet_sweeps} sweeps in {args.quiet_s:g} s); "
                   f"{share:.2%} during the trials, with {run.young_sweeps} extra sweeps and "
                   f"{run.refreshes} refreshes, over {run.wall:.1f} s")
-            print(f"CPU per new RT thread: {per_rt:.2f} ms beyond the steady share "
+            print(f"CPU per new RT thread: {per_rt:.2f} ms beyond the steady share, beside "
+                  f"the periodic sweeps ({per_rt_all:.2f} ms with them) "
                   f"(target <= {TARGET_PER_THREAD_MS} ms) "
                   f"{'OK' if per_rt <= TARGET_PER_THREAD_MS else 'MISSED'}")
             print(f"{run.sweeps} sweeps ({run.full_sweeps} full), sweep interval "

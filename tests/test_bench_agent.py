@@ -43,6 +43,9 @@ def test_steady_prints_cpu_rss_and_the_agents_own_sweep_figures():
                     "--settle", "0.5")
     assert "== 50 extra threads" in out
     assert 0 <= number(r"cpu: median ([\d.]+) % of one CPU over 2 windows", out) < 100
+    assert "(target <= 0.5 %)" in out
+    assert number(r"churn: ([\d.]+) tasks/s created on this machine by other work", out) >= 0
+    assert re.search(r"wake-ups by source .*: .*observer:", out), out
     assert 5 < number(r"rss: median ([\d.]+) MiB", out) < 1000
     assert "(target <= 40 MB)" in out
     assert number(r"last sweep ([\d.]+) ms", out) > 0
