@@ -11,8 +11,11 @@ Beside the CPU: how many tasks other work created on this machine meanwhile (the
 churn: each one is a fork and an exit event for the agent), and the agent's
 wake-ups by source (its status).
 Targets: at most 0.5 % of one CPU at 1,000 and at 10,000 threads, under the churn
-of a machine where other work creates about a dozen tasks a second; RSS at most 40 MB.
+of a machine where other work creates about a dozen tasks a second (--churn N
+adds N short-lived processes a second of this bench's own to whatever else
+runs, so that a quiet machine is measured under that churn too); RSS at most 40 MB.
 Run as root: python3 bench/agent_steady.py [--threads 1000,10000] [--window 30] [--repeat 3]
+[--churn 12]
 """
 
 from __future__ import annotations
@@ -20,8 +23,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,8 +51,31 @@ def naive_share(interval_s: float, repeat: int = 3) -> tuple[float, float]:
     return cost, cost / max(interval_s, cost) * 100
 
 
-def measure(window: float, repeat: int, settle: float) -> dict:
-    with running_agent() as agent:
+@contextmanager
+def churning(per_second: float) -> Iterator[None]:
+    """Start per_second short-lived processes (/bin/true) a second until the end."""
+    stop = threading.Event()
+
+    def spawn() -> None:
+        period = 1.0 / per_second
+        due = time.monotonic()
+        while not stop.wait(max(0.0, due - time.monotonic())):
+            subprocess.run(["true"], check=False)
+            due += period
+
+    worker = threading.Thread(target=spawn, daemon=True)
+    if per_second > 0:
+        worker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        if per_second > 0:
+            worker.join()
+
+
+def measure(window: float, repeat: int, settle: float, churn: float) -> dict:
+    with running_agent() as agent, churning(churn):
         time.sleep(settle)
         cpu, rss, wake, forks = [], [], [], []
         by_source: dict[str, list[float]] = {}
@@ -70,7 +100,7 @@ def measure(window: float, repeat: int, settle: float) -> dict:
             "problems": problems, "by_source": by_source}
 
 
-def report(total: int, live: int, res: dict) -> None:
+def report(total: int, live: int, res: dict, added: float) -> None:
     st = res["status"]
     cpu, rss = res["cpu"], res["rss"]
     cpu_med, rss_med, rss_max = statistics.median(cpu), statistics.median(rss), max(rss)
@@ -86,7 +116,8 @@ def report(total: int, live: int, res: dict) -> None:
           f"(min {min(cpu):.3f}, max {max(cpu):.3f}) (target <= {TARGET_CPU_PERCENT} %) "
           f"{verdict(cpu_med, TARGET_CPU_PERCENT)}")
     print(f"churn: {churn:.1f} tasks/s created on this machine by other work, median "
-          f"(per window: {', '.join(f'{f:.1f}' for f in res['forks'])})")
+          f"(per window: {', '.join(f'{f:.1f}' for f in res['forks'])}; "
+          f"{added:g}/s of them started by this bench, --churn)")
     print(f"rss: median {rss_med:.1f} MiB, max {rss_max:.1f} MiB "
           f"(target <= {TARGET_RSS_MB:.0f} MB) {verdict(rss_max * 1.048576, TARGET_RSS_MB)}")
     sweep_share = st["sweep_ms"] / st["sweep_interval_ms"] * 100
@@ -110,6 +141,8 @@ def main() -> int:
     ap.add_argument("--window", type=float, default=30.0, help="seconds per CPU window")
     ap.add_argument("--repeat", type=int, default=3, help="CPU windows per size")
     ap.add_argument("--settle", type=float, default=10.0, help="seconds before measuring")
+    ap.add_argument("--churn", type=float, default=0.0,
+                    help="short-lived processes a second that this bench adds")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("needs root (raises pid_max/threads-max for the 10,000-thread case)")
@@ -119,8 +152,8 @@ def main() -> int:
         for total in sizes:
             with live_threads(total):
                 live = count_threads()
-                res = measure(args.window, args.repeat, args.settle)
-                report(total, live, res)
+                res = measure(args.window, args.repeat, args.settle, args.churn)
+                report(total, live, res, args.churn)
     return 0
 
 
