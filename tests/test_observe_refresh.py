@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import threading
@@ -11,6 +12,7 @@ import pytest
 from helpers.threads import Sleeper, sched_thread
 
 from guestagent.observe import EVENT_BATCH, Observer
+from guestagent.observe.kernel import LiveKernel
 
 pytestmark = pytest.mark.root
 
@@ -135,3 +137,19 @@ def test_the_exit_of_a_real_time_thread_is_seen_while_events_are_batched(observe
             observer.handle_readable(fd)
         snap = observer.refresh(time.monotonic())
     assert snap is not None and find(snap, rt.tid) is None
+
+
+class KernelWithoutThreadPidfds(LiveKernel):
+    """This machine as a kernel before 6.9 sees it: pidfd_open refuses PIDFD_THREAD."""
+
+    def exit_watch(self, tid: int) -> int:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+
+def test_without_thread_pidfds_events_are_read_at_once(tracefs):  # noqa: F811
+    with Observer(kernel=KernelWithoutThreadPidfds()) as obs, sched_thread(os.SCHED_FIFO, 9):
+        obs.snapshot(time.monotonic())
+        assert obs.changes_watched and not obs.batching
+        Sleeper().end()
+        obs.handle_readable(obs.events_fd)
+        assert obs.events_fd in obs.fds(), "no batch: the connector stays polled"
