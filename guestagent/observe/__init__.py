@@ -168,7 +168,7 @@ class Observer:
             self._threads.handle_readable()
             if self.batching:
                 self._events_gate = time.monotonic() + EVENT_BATCH
-        elif fd in self._threads.exit_fds():
+        elif self._threads.watches_exit(fd):
             self._threads.exit_seen(fd)
         elif fd == self._cpus.fileno():
             self._cpus.handle_readable()

@@ -210,6 +210,9 @@ class ThreadTable:
         """Pidfds to poll: one per thread whose exit changes what the agent decides."""
         return list(self._exit_tids)
 
+    def watches_exit(self, fd: int) -> bool:
+        return fd in self._exit_tids
+
     def exit_seen(self, fd: int) -> None:
         """A watched thread exited (its pidfd is readable): take it out now."""
         tid = self._exit_tids.get(fd)
