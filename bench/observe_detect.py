@@ -245,9 +245,9 @@ def main() -> int:
                   f"the periodic sweeps ({per_rt_all:.2f} ms with them) "
                   f"(target <= {TARGET_PER_THREAD_MS} ms) "
                   f"{'OK' if per_rt <= TARGET_PER_THREAD_MS else 'MISSED'}")
+            median = f"{statistics.median(run.costs) * 1e3:.2f} ms" if run.costs else "-"
             print(f"{run.sweeps} sweeps ({run.full_sweeps} full), sweep interval "
-                  f"{run.interval * 1e3:.0f} ms, sweep CPU median "
-                  f"{statistics.median(run.costs) * 1e3:.2f} ms")
+                  f"{run.interval * 1e3:.0f} ms, sweep CPU median {median}")
     return 0
 
 

@@ -83,3 +83,14 @@ def test_soak_counts_probes_rss_growth_and_log_lines():
     assert number(r"([\d.]+) thread births\+deaths/s achieved", out) > 0
     assert abs(number(r"growth (-?[\d.]+) MB", out)) < 1000
     assert re.search(r"log: \d+ warning/error lines", out)
+
+
+def test_detect_prints_latency_and_cpu_per_rt_thread_beside_targets():
+    out = run_bench("observe_detect.py", "--threads", "50", "--trials", "5", "--quiet-s", "1",
+                    "--max-pause-ms", "20")
+    p50 = number(r"detection over 5 trials: p50 ([\d.]+) ms", out)
+    assert 0 <= p50 <= number(r"detection over 5 trials: p50 [\d.]+ ms, p99 ([\d.]+) ms", out)
+    assert number(r"observer CPU: steady ([\d.]+)% of one CPU", out) >= 0
+    assert number(r"CPU per new RT thread: ([\d.]+) ms beyond the steady share, beside the "
+                  r"periodic sweeps", out) >= 0
+    assert "(target <= 0.5 ms)" in out and "(target <= 0.5%)" in out
