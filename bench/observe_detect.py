@@ -15,8 +15,12 @@ is from that clock reading to the end of the first snapshot that lists the
 thread as FIFO. The CPU figures are the CPU time of the whole observing loop
 (events, young checks, sweeps) over wall time: "steady" for --quiet-s seconds
 before the trials (the loop alone, as an agent spends most of its life), and
-during the trials; what each new RT thread costs is the trials' CPU time
-beyond the steady share, divided by the trials.
+during the trials. What each new RT thread costs is the trials' CPU time beyond
+the steady share, divided by the trials, counted two ways: "all" takes every
+CPU second as it comes; "beside the periodic sweeps" leaves out the sweeps
+that the budget schedules anyway (in both periods: their cadence follows their
+smoothed cost, so the two periods may hold different numbers of them), and
+keeps the sweeps that a trial triggered (the young sweeps).
 Targets: p99 <= 50 ms with 1,000 threads, <= 10 ms with 10,000; agent CPU at
 most 0.5 % of one CPU at steady state, at most 0.5 ms of CPU per new RT thread.
 Run as root: python3 bench/observe_detect.py [--threads 1000,10000] [--trials 200]
@@ -77,6 +81,7 @@ class Run:
     young_cpu: float = 0.0  # CPU time of the snapshots young threads triggered
     refreshes: int = 0  # snapshots that re-read only the threads that changed
     quiet_cpu: float = 0.0  # CPU share of the loop with no trials running
+    quiet_sweep_cpu: float = 0.0  # CPU share of its periodic sweeps
     quiet_sweeps: int = 0
     cpu: float = 0.0  # CPU time of the observing loop during the trials
     wall: float = 0.0
@@ -92,7 +97,6 @@ class AgentLoop:
         self.obs, self.budget, self.floor, self.run = obs, budget, floor, run
         now = time.monotonic()
         obs.snapshot(now)
-        self.fds = obs.fds() + [extra_fd]
         self.extra_fd = extra_fd
         self.interval = floor
         self.next_sweep, self.next_full = now + floor, now + FULL_INTERVAL
@@ -104,7 +108,8 @@ class AgentLoop:
         now = time.monotonic()
         due = [d for d in (self.next_sweep, obs.deadline(), until) if d is not None]
         extra = False
-        for fd in select.select(self.fds, [], [], max(0.0, min(due) - now))[0]:
+        fds = obs.fds() + [self.extra_fd]  # they change: batching, exit watches, hotplug
+        for fd in select.select(fds, [], [], max(0.0, min(due) - now))[0]:
             if fd == self.extra_fd:
                 extra = True
             else:
@@ -151,42 +156,46 @@ def measure(trials: int, budget: float, floor: float, max_pause: float, quiet: f
         trigger_process(cmd_r, out_w)
     os.close(cmd_r)
     os.close(out_w)
-    run = Run()
-    with Observer() as obs:
-        run.mode = obs.thread_mode
-        loop = AgentLoop(obs, budget, floor, run, out_r)
-        # steady state first: the loop alone, as an agent spends most of its life
-        wall0, cpu0 = time.monotonic(), time.thread_time()
-        while time.monotonic() < wall0 + quiet:
-            loop.step(wall0 + quiet)
-        run.quiet_cpu = (time.thread_time() - cpu0) / max(1e-9, time.monotonic() - wall0)
-        run.quiet_sweeps, run.sweeps, run.young_sweeps, run.full_sweeps = run.sweeps, 0, 0, 0
-        run.young_cpu, run.costs = 0.0, []
-        buf = b""
-        wall0, cpu0 = time.monotonic(), time.thread_time()
-        for _ in range(trials):
-            next_trial = time.monotonic() + random.uniform(0, max_pause)
-            started = False
-            want: tuple[int, float] | None = None
-            while True:
-                if not started and time.monotonic() >= next_trial:
-                    os.write(cmd_w, b"g")
-                    started = True
-                if loop.step(None if started else next_trial):
-                    buf += os.read(out_r, 4096)
-                    while b"\n" in buf:
-                        line, buf = buf.split(b"\n", 1)
-                        tid, t0 = line.split()
-                        want = (int(tid), float(t0))
-                if want is not None and want[0] in loop.first_seen:
-                    run.latencies.append(loop.first_seen[want[0]] - want[1])
-                    break
-        run.wall = time.monotonic() - wall0
-        run.cpu = time.thread_time() - cpu0
-        run.interval = loop.interval
-    os.close(cmd_w)
-    os.waitpid(pid, 0)
-    os.close(out_r)
+    try:
+        run = Run()
+        with Observer() as obs:
+            run.mode = obs.thread_mode
+            loop = AgentLoop(obs, budget, floor, run, out_r)
+            # steady state first: the loop alone, as an agent spends most of its life
+            wall0, cpu0 = time.monotonic(), time.thread_time()
+            while time.monotonic() < wall0 + quiet:
+                loop.step(wall0 + quiet)
+            quiet_wall = max(1e-9, time.monotonic() - wall0)
+            run.quiet_cpu = (time.thread_time() - cpu0) / quiet_wall
+            run.quiet_sweep_cpu = (sum(run.costs) - run.young_cpu) / quiet_wall
+            run.quiet_sweeps, run.sweeps, run.young_sweeps, run.full_sweeps = run.sweeps, 0, 0, 0
+            run.young_cpu, run.costs = 0.0, []
+            buf = b""
+            wall0, cpu0 = time.monotonic(), time.thread_time()
+            for _ in range(trials):
+                next_trial = time.monotonic() + random.uniform(0, max_pause)
+                started = False
+                want: tuple[int, float] | None = None
+                while True:
+                    if not started and time.monotonic() >= next_trial:
+                        os.write(cmd_w, b"g")
+                        started = True
+                    if loop.step(None if started else next_trial):
+                        buf += os.read(out_r, 4096)
+                        while b"\n" in buf:
+                            line, buf = buf.split(b"\n", 1)
+                            tid, t0 = line.split()
+                            want = (int(tid), float(t0))
+                    if want is not None and want[0] in loop.first_seen:
+                        run.latencies.append(loop.first_seen[want[0]] - want[1])
+                        break
+            run.wall = time.monotonic() - wall0
+            run.cpu = time.thread_time() - cpu0
+            run.interval = loop.interval
+    finally:  # the helper (which holds our thread holders' pipes too) ends
+        os.close(cmd_w)
+        os.waitpid(pid, 0)
+        os.close(out_r)
     return run
 
 
@@ -219,7 +228,10 @@ def main() -> int:
             verdict = "" if target is None else \
                 f" (target <= {target:.0f} ms) {'OK' if p99 <= target else 'MISSED'}"
             share, steady = run.cpu / run.wall, run.quiet_cpu
-            per_rt = max(0.0, run.cpu - steady * run.wall) / max(1, len(ms)) * 1e3
+            per_rt_all = max(0.0, run.cpu - steady * run.wall) / max(1, len(ms)) * 1e3
+            periodic = sum(run.costs) - run.young_cpu  # sweeps the budget schedules anyway
+            per_rt = max(0.0, (run.cpu - periodic)
+                         - (steady - run.quiet_sweep_cpu) * run.wall) / max(1, len(ms)) * 1e3
             print(f"\n== {total} extra threads ({live} live), budget {args.budget:g} % of a CPU, "
                   f"thread tracking: {run.mode} ==")
             print(f"detection over {len(ms)} trials: p50 {percentile(ms, 50):.1f} ms, "
@@ -229,12 +241,13 @@ def main() -> int:
                   f"({run.quiet_sweeps} sweeps in {args.quiet_s:g} s); "
                   f"{share:.2%} during the trials, with {run.young_sweeps} extra sweeps and "
                   f"{run.refreshes} refreshes, over {run.wall:.1f} s")
-            print(f"CPU per new RT thread: {per_rt:.2f} ms beyond the steady share "
+            print(f"CPU per new RT thread: {per_rt:.2f} ms beyond the steady share, beside "
+                  f"the periodic sweeps ({per_rt_all:.2f} ms with them) "
                   f"(target <= {TARGET_PER_THREAD_MS} ms) "
                   f"{'OK' if per_rt <= TARGET_PER_THREAD_MS else 'MISSED'}")
+            median = f"{statistics.median(run.costs) * 1e3:.2f} ms" if run.costs else "-"
             print(f"{run.sweeps} sweeps ({run.full_sweeps} full), sweep interval "
-                  f"{run.interval * 1e3:.0f} ms, sweep CPU median "
-                  f"{statistics.median(run.costs) * 1e3:.2f} ms")
+                  f"{run.interval * 1e3:.0f} ms, sweep CPU median {median}")
     return 0
 
 

@@ -43,6 +43,9 @@ def test_steady_prints_cpu_rss_and_the_agents_own_sweep_figures():
                     "--settle", "0.5")
     assert "== 50 extra threads" in out
     assert 0 <= number(r"cpu: median ([\d.]+) % of one CPU over 2 windows", out) < 100
+    assert "(target <= 0.5 %)" in out
+    assert number(r"churn: ([\d.]+) tasks/s created on this machine by other work", out) >= 0
+    assert re.search(r"wake-ups by source .*: .*observer:", out), out
     assert 5 < number(r"rss: median ([\d.]+) MiB", out) < 1000
     assert "(target <= 40 MB)" in out
     assert number(r"last sweep ([\d.]+) ms", out) > 0
@@ -80,3 +83,14 @@ def test_soak_counts_probes_rss_growth_and_log_lines():
     assert number(r"([\d.]+) thread births\+deaths/s achieved", out) > 0
     assert abs(number(r"growth (-?[\d.]+) MB", out)) < 1000
     assert re.search(r"log: \d+ warning/error lines", out)
+
+
+def test_detect_prints_latency_and_cpu_per_rt_thread_beside_targets():
+    out = run_bench("observe_detect.py", "--threads", "50", "--trials", "5", "--quiet-s", "1",
+                    "--max-pause-ms", "20")
+    p50 = number(r"detection over 5 trials: p50 ([\d.]+) ms", out)
+    assert 0 <= p50 <= number(r"detection over 5 trials: p50 [\d.]+ ms, p99 ([\d.]+) ms", out)
+    assert number(r"observer CPU: steady ([\d.]+)% of one CPU", out) >= 0
+    assert number(r"CPU per new RT thread: ([\d.]+) ms beyond the steady share, beside the "
+                  r"periodic sweeps", out) >= 0
+    assert "(target <= 0.5 ms)" in out and "(target <= 0.5%)" in out

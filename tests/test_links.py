@@ -12,8 +12,8 @@ from typing import Callable
 import pytest
 
 from guestagent.errors import GuestagentError
-from guestagent.protocol.channel import MAX_LINE, LineFramer, decode_line, encode_message
-from guestagent.protocol.messages import Hello, Hints, Sync, SyncAck, Welcome
+from guestagent.protocol.channel import MAX_LINE, RESET, LineFramer, decode_line, encode_message
+from guestagent.protocol.messages import Heartbeat, Hello, Hints, Sync, SyncAck, Welcome
 from guestagent.protocol.model import (
     Feature,
     PeerState,
@@ -174,6 +174,64 @@ def test_channel_garbage_reset_and_oversized_lines(sock_path):
         got = _drain(sock, framer, host)
         assert any(getattr(m, "code", "") == "line-too-long" for m in got)
         assert host.view().link == "up"
+    finally:
+        sock.close()
+        host.close()
+
+
+def _boosting_guest(host, sock: socket.socket) -> None:
+    """The guest's session so far: running, boosting vCPU 0; the host holds it."""
+    sock.sendall(encode_message(Heartbeat(1, PeerState.RUNNING, 0))
+                 + encode_message(Hints(3, tuple(HINTS))))
+    assert run([host], 2, lambda: host.view().generation == 3)
+    assert host.view().hints[0].request == Request.BOOST
+
+
+def _running_without_hints(host, epoch: int) -> None:
+    """The new session: up and running, no table of its own yet; nothing to act on."""
+    assert run([host], 2, lambda: host.conn.hello.epoch == epoch
+               and host.view().guest_state == PeerState.RUNNING)
+    view = host.view()
+    assert view.link == "up" and view.generation == 0 and view.hints == ()
+
+
+def test_channel_host_forgets_the_old_sessions_hints_when_the_stream_drops(sock_path):
+    host = ChannelHostLink(sock_path, listen=True)
+    sock, _ = _raw_guest(sock_path, host, Hello(Feature.CAPACITY, 5, 3))
+    try:
+        _boosting_guest(host, sock)
+        sock.close()
+        assert run([host], 2, lambda: host.view().link == "down")
+        # a new guest session (another epoch) says hello and heartbeats RUNNING before
+        # its first table: the old boost must not be held meanwhile
+        sock, _ = _raw_guest(sock_path, host, Hello(Feature.CAPACITY, 6, 3))
+        sock.sendall(encode_message(Heartbeat(1, PeerState.RUNNING, 0)))
+        _running_without_hints(host, 6)
+    finally:
+        sock.close()
+        host.close()
+
+
+@pytest.mark.parametrize("how", ["sync", "hello of another epoch"])
+def test_channel_host_forgets_the_old_sessions_hints_on_the_same_stream(sock_path, how):
+    # A guest agent that restarts behind a virtio-serial port: QEMU's socket, and so
+    # the host's stream, stays connected; the new session starts with a sync (or, from
+    # a guest that skips it, just a hello of a new epoch).
+    host = ChannelHostLink(sock_path, listen=True)
+    sock, framer = _raw_guest(sock_path, host, Hello(Feature.CAPACITY, 5, 3))
+    try:
+        _boosting_guest(host, sock)
+        restart = encode_message(Hello(Feature.CAPACITY, 6, 3))
+        if how == "sync":
+            restart = RESET + encode_message(Sync(1)) + restart
+        sock.sendall(restart + encode_message(Heartbeat(1, PeerState.RUNNING, 0)))
+        _running_without_hints(host, 6)
+        # the same session saying hello again (the host's own resync) keeps its table
+        sock.sendall(encode_message(Hints(4, tuple(HINTS)))
+                     + encode_message(Hello(Feature.CAPACITY, 6, 3)))
+        assert run([host], 2, lambda: host.view().generation == 4)
+        run([host], 0.2)
+        assert host.view().hints == tuple(HINTS)
     finally:
         sock.close()
         host.close()

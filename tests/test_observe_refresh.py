@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import threading
@@ -10,7 +11,8 @@ import time
 import pytest
 from helpers.threads import Sleeper, sched_thread
 
-from guestagent.observe import Observer
+from guestagent.observe import EVENT_BATCH, Observer
+from guestagent.observe.kernel import LiveKernel
 
 pytestmark = pytest.mark.root
 
@@ -72,3 +74,82 @@ def test_an_exit_of_a_thread_that_mattered_shows_without_a_sweep(observer):
     snap = pump(observer, 10.0)  # the thread was joined: its exit event is queued
     assert snap is not None, "the exit of a FIFO thread must yield a snapshot"
     assert find(snap, rt.tid) is None
+
+
+def churn(stop: threading.Event, every: float = 0.01) -> None:
+    """Other work: a short-lived thread born and gone every ``every`` seconds."""
+    while not stop.wait(every):
+        t = threading.Thread(target=lambda: None)
+        t.start()
+        t.join()
+
+
+def test_other_works_forks_and_exits_are_read_in_batches(observer):
+    # As the agent's loop runs the observer: poll its fds until its deadline, then
+    # check_changes(); count the times other work's births and deaths woke it.
+    with sched_thread(os.SCHED_FIFO, 9):
+        observer.snapshot(time.monotonic(), full=False)
+        assert observer.batching, "every thread whose exit matters has a pidfd"
+        stop = threading.Event()
+        worker = threading.Thread(target=churn, args=(stop,), daemon=True)
+        worker.start()
+        wakeups, events = 0, observer.events_fd
+        start = time.monotonic()
+        end = start + 10 * EVENT_BATCH
+        try:
+            while (now := time.monotonic()) < end:
+                due = observer.deadline()
+                wait = max(0.0, min(end, due if due is not None else end) - now)
+                readable = select.select(observer.fds(), [], [], wait)[0]
+                for fd in readable:
+                    observer.handle_readable(fd)
+                now = time.monotonic()
+                due = observer.deadline()
+                if events in readable or (due is not None and now >= due):
+                    wakeups += 1
+                    observer.check_changes(now)
+                observer.refresh(now)
+        finally:
+            stop.set()
+            worker.join()
+        elapsed = time.monotonic() - start
+    # ~100 births and as many exits a second (one wake-up each, before): now read once
+    # per EVENT_BATCH, twice where a batch found nothing (the churn starved on a busy
+    # machine) and the next event opened a new one
+    assert wakeups <= 2 * elapsed / EVENT_BATCH + 2, (wakeups, elapsed)
+
+
+def test_the_exit_of_a_real_time_thread_is_seen_while_events_are_batched(observer):
+    with sched_thread(os.SCHED_FIFO, 9) as rt:
+        pump(observer, 0.2)
+        observer.snapshot(time.monotonic(), full=False)
+        assert observer.batching
+        Sleeper().end()  # a birth and a death: reading them closes the connector
+        events = observer.events_fd
+        observer.handle_readable(events)
+        assert events not in observer.fds(), "the connector waits for the batch to end"
+    # Joined: only the thread's pidfd can say so now (check_changes is never called,
+    # so the batch never ends).
+    snap = None
+    end = time.monotonic() + 10
+    while snap is None and time.monotonic() < end:
+        for fd in select.select(observer.fds(), [], [], 1.0)[0]:
+            observer.handle_readable(fd)
+        snap = observer.refresh(time.monotonic())
+    assert snap is not None and find(snap, rt.tid) is None
+
+
+class KernelWithoutThreadPidfds(LiveKernel):
+    """This machine as a kernel before 6.9 sees it: pidfd_open refuses PIDFD_THREAD."""
+
+    def exit_watch(self, tid: int) -> int:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+
+def test_without_thread_pidfds_events_are_read_at_once(tracefs):  # noqa: F811
+    with Observer(kernel=KernelWithoutThreadPidfds()) as obs, sched_thread(os.SCHED_FIFO, 9):
+        obs.snapshot(time.monotonic())
+        assert obs.changes_watched and not obs.batching
+        Sleeper().end()
+        obs.handle_readable(obs.events_fd)
+        assert obs.events_fd in obs.fds(), "no batch: the connector stays polled"

@@ -169,3 +169,40 @@ def test_lines_before_our_sync_ack_from_an_old_session_are_still_discarded():
     guest.data_to_send()
     assert guest.receive_data(encode_message(Heartbeat(5, PeerState.RUNNING))) == []
     assert guest.counters.stale == 1
+
+
+HELLO = {"type": "hello", "protocol": "org.guestagent.sched", "version": [1, 1],
+         "features": 1, "epoch": 5, "nr_vcpus": 2}
+HEARTBEAT = {"type": "heartbeat", "seq": 1, "state": 2, "epoch": 5}
+HINTS = {"type": "hints", "generation": 1, "nr_vcpus": 2, "part": [0, 1], "vcpus": []}
+
+
+def line_with(base: dict, **fields) -> bytes:
+    return json.dumps({**base, **fields}).encode()
+
+
+@pytest.mark.parametrize("line", [
+    line_with(HELLO, version=[1, 2**16]),  # version: u16 each
+    line_with(HELLO, version=[-1, 0]),
+    line_with(HELLO, features=2**64),  # features: u64
+    line_with(HELLO, epoch=2**64),  # counters: u64
+    line_with(HELLO, nr_vcpus=4097),  # nr_vcpus: 1..4096
+    line_with(HEARTBEAT, state=2**32),  # state: u32
+    line_with(HEARTBEAT, seq=-1),
+    line_with(HINTS, part=[0, 4097]),  # part: count 1..4096, index below it
+    line_with(HINTS, part=[1, 1]),
+    line_with(HINTS, part=[0, 0]),
+    line_with(HINTS, generation=2**64),
+    line_with(HINTS, vcpus=[[1, 1, 1, 10, 0, 0, 0], [1, 1, 1, 10, 0, 0, 0]]),  # vcpu twice
+])
+def test_the_width_tables_rejections(line):
+    with pytest.raises(ProtocolError):
+        decode_line(line)
+
+
+def test_the_width_tables_fallbacks():
+    assert decode_line(line_with(HEARTBEAT, state=7)).state == PeerState.ABSENT
+    assert decode_line(line_with(HELLO, features=2**63 | 1)).features == Feature.CAPACITY
+    (hint,) = decode_line(line_with(HINTS, nr_vcpus=1, vcpus=[[0, 77, 77, 10, 0, 2**31, 0]])
+                          ).hints
+    assert (hint.request, hint.sched_class, int(hint.flags)) == (0, 0, 0)

@@ -16,12 +16,16 @@ import pytest
 from guestagent.errors import GuestagentError
 from guestagent.protocol import (
     GUEST_CONTROL_OFFSET,
+    Feature,
+    GuestControl,
     LinkState,
     Request,
     SchedClass,
     VcpuCapacity,
     VcpuHint,
+    PeerState,
     decode_guest_control,
+    encode_guest_control,
     region_size_for,
 )
 from guestagent.transport import RegionGuestLink, RegionHostLink
@@ -86,6 +90,19 @@ def test_bad_header_reformatted_with_a_new_epoch_and_up_within_two_heartbeats(
     assert guest.view().link == LinkState.UP and host.view().link == LinkState.UP
     assert host.view().hints == tuple(boost(4))  # the table came back with the new epoch
     assert any("region: bad-header" in r.message for r in caplog.records)
+
+
+def test_a_new_guest_epoch_ends_the_old_sessions_hints_before_its_header_is_judged(pair):
+    # A guest restarted and wrote its control line (a new epoch, running, heartbeating)
+    # while its header cannot be read yet: the old session's boost is over all the same.
+    path, guest, host = pair
+    assert host.view().hints == tuple(boost(4))
+    guest.close()
+    overwrite(path, 0, bytes(128))
+    overwrite(path, GUEST_CONTROL_OFFSET, encode_guest_control(
+        GuestControl(PeerState.RUNNING, Feature.NONE, guest_epoch(path) + 1, 99, 5)))
+    drive([host], 2.0 + STEP, 2.0 + PERIOD / 2)  # well within the old session's lease
+    assert host.view().hints == () and host.view().generation == 0
 
 
 def test_header_of_another_protocol_is_not_overwritten_and_said_why(pair):

@@ -102,7 +102,8 @@ class Agent:
             now = self.clock()
             for name, when in core.step(now).items():
                 loop.at(name, when)
-            loop.follow("observer", core.observer.fds(), core.observer.handle_readable)
+            for source, fds in core.observer.fds_by_source().items():
+                loop.follow(f"observer:{source}", fds, core.observer.handle_readable)
             link = core.uplink.link
             loop.watch("link", link.fileno() if link else None, self._on_link)
             fired = loop.wait()

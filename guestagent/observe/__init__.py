@@ -25,6 +25,15 @@ read, else a few times in their first ~150 ms), and returns True, meaning take
 a sweep now, only for a wake-up that names no threads (or too many). Those
 sweeps are paced by a token bucket, so a storm of them cannot make the agent
 spin.
+
+Batched process events: other work's forks and exits would wake the agent a few
+dozen times a second for nothing. When scheduler-change wake-ups work and every
+thread whose exit matters has a pidfd of its own (``threads.py``), a read of
+the connector closes it for ``EVENT_BATCH``: what queues meanwhile is read when
+the batch ends (``deadline()``), or at once when a watched thread exits, a
+scheduler change names a thread, or a sweep is due. What waits for the batch is
+what the connector alone reports: a thread born real-time from a real-time
+parent, and a new name or image for config rules.
 """
 
 from __future__ import annotations
@@ -53,10 +62,12 @@ from guestagent.observe.young import WATCHED_YOUNG_CHECKS
 CHANGE_SWEEP_SHARE = 0.05
 CHANGE_SWEEP_BURST = 4
 MAX_TARGETS = 512  # more threads changed at once than this: a sweep is cheaper
+EVENT_BATCH = 0.25  # s: process events of other work are read at most this often
 COST_SMOOTHING = 0.25  # weight of the newest snapshot in the average cost
 
 __all__ = [
-    "CpuState", "IrqInfo", "Kernel", "LiveKernel", "Observer", "RecordedKernel", "Snapshot",
+    "EVENT_BATCH", "CpuState", "IrqInfo", "Kernel", "LiveKernel", "Observer", "RecordedKernel",
+    "Snapshot",
     "ThreadIdentity", "ThreadInfo", "ThreadTable", "pinned_critical",
 ]
 
@@ -107,6 +118,7 @@ class Observer:
         self._targets: set[int] = set()  # threads whose scheduling was just set
         self._change_credit = 0.0  # CPU seconds change-triggered snapshots may still spend
         self._credit_at: float | None = None
+        self._events_gate: float | None = None  # connector not polled until then (batching)
 
     @property
     def cost(self) -> float:
@@ -129,15 +141,37 @@ class Observer:
         return self._threads.mode
 
     def fds(self) -> list[int]:
-        """Readable fds to poll: the proc connector, the udev monitor and the scheduler
-        watch, when present. The set can change after a snapshot (CPU hotplug)."""
-        fds = [fd for fd in (self._threads.fileno(), self._cpus.fileno()) if fd is not None]
-        return fds + (self._sched_watch.fds() if self._sched_watch else [])
+        """Readable fds to poll: the proc connector, the udev monitor, the scheduler
+        watch and the exit watches, when present. The set changes after snapshots (CPU
+        hotplug, threads that matter) and while process events are batched."""
+        return [fd for fds in self.fds_by_source().values() for fd in fds]
+
+    def fds_by_source(self) -> dict[str, list[int]]:
+        """The same fds by what they report, for a loop that counts its wake-ups so."""
+        events = self._threads.fileno()
+        return {"events": [] if events is None or self._events_gate is not None else [events],
+                "cpus": [fd for fd in (self._cpus.fileno(),) if fd is not None],
+                "sched": self._sched_watch.fds() if self._sched_watch else [],
+                "exits": self._threads.exit_fds()}
+
+    @property
+    def events_fd(self) -> int | None:
+        """The proc connector's fd (polled through ``fds()`` unless a batch is open)."""
+        return self._threads.fileno()
+
+    @property
+    def batching(self) -> bool:
+        """Whether process events are read in batches (see the module docstring)."""
+        return self._sched_watch is not None and self._threads.exits_watched
 
     def handle_readable(self, fd: int) -> None:
         """Consume what is queued on ``fd``; never blocks."""
         if fd == self._threads.fileno():
             self._threads.handle_readable()
+            if self.batching:
+                self._events_gate = time.monotonic() + EVENT_BATCH
+        elif self._threads.watches_exit(fd):
+            self._threads.exit_seen(fd)
         elif fd == self._cpus.fileno():
             self._cpus.handle_readable()
         elif self._sched_watch is not None and fd in self._sched_watch.fds():
@@ -187,6 +221,8 @@ class Observer:
     def deadline(self) -> float | None:
         """When ``check_changes`` is next due (``time.monotonic()`` clock), or None."""
         due = self._threads.young_deadline()
+        if self._events_gate is not None:
+            due = self._events_gate if due is None else min(due, self._events_gate)
         if self._changed:
             held = self._release()
             due = held if due is None else min(due, held)
@@ -201,6 +237,11 @@ class Observer:
         for the change share; then it is held and ``deadline()`` says when to
         come back.
         """
+        if self._events_gate is not None and now >= self._events_gate:
+            # the batch is over: read it; keep batching while other work keeps forking
+            read = self._threads.handle_readable()
+            self._events_gate = now + EVENT_BATCH if read and self.batching else None
+            now = max(now, time.monotonic())  # newborns just read are due for their look
         self._targets.update(self._threads.check_young(now))
         if self._changed and now >= self._release():
             self._changed = False
@@ -226,6 +267,8 @@ class Observer:
         started = time.thread_time()
         last = self._last_full
         full = full or last is None
+        if self._events_gate is not None:
+            self._threads.handle_readable()  # the sweep knows every thread born so far
         threads, thread_notes = self._threads.sweep(full)
         if full:
             irqs, irq_notes = self._irqs.sweep(now, threads)

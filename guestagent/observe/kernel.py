@@ -35,6 +35,7 @@ from guestagent.transport.uevents import UeventMonitor  # CPU hotplug: the same 
 
 GONE = -1  # policy/nice placeholder for a thread that exited mid-sweep
 STAT_FD_CAP = 1024  # stat fds kept open for the threads that matter
+PIDFD_THREAD = os.O_EXCL  # include/uapi/linux/pidfd.h (Linux 6.9)
 _NR_SCHED_GETATTR = {"x86_64": 315, "aarch64": 275, "riscv64": 275, "ppc64le": 356,
                      "s390x": 346, "i686": 352, "armv7l": 381}
 
@@ -178,6 +179,10 @@ class Kernel:
     def proc_events(self) -> ProcEventSource:
         raise OSError(errno.ENOTSUP, "no process-events connector")
 
+    def exit_watch(self, tid: int) -> int:
+        """An fd that turns readable when thread ``tid`` exits (a thread pidfd)."""
+        raise OSError(errno.ENOTSUP, "no thread pidfds")
+
     def cpu_monitor(self) -> UeventMonitor:
         raise OSError(errno.ENOTSUP, "no udev monitor")
 
@@ -313,6 +318,12 @@ class LiveKernel(Kernel):
 
     def proc_events(self) -> ProcEventSource:
         return ProcEventSource()
+
+    def exit_watch(self, tid: int) -> int:
+        # PIDFD_THREAD (Linux 6.9): a pidfd of one thread, readable once that thread
+        # exits (without it, a leader's pidfd waits for its whole group). Older
+        # kernels refuse the flag with EINVAL.
+        return os.pidfd_open(tid, PIDFD_THREAD)
 
     def cpu_monitor(self) -> UeventMonitor:
         return UeventMonitor(("cpu",))

@@ -22,11 +22,18 @@ What one sweep costs, per thread (the floor is one syscall per thread):
 
 Young threads (seen in a fork or exec event) are also asked for their policy a
 few times shortly after birth (``check_young``), see ``young.py``.
+
+Exits that change a decision: every user-space real-time thread, and every
+thread the ``interest`` predicate chose, has a thread pidfd (``exit_fds``) that
+turns readable the moment it exits. While all of them have one
+(``exits_watched``), the owner may read the connector's events in batches,
+knowing that no exit which matters waits for the batch.
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -52,6 +59,9 @@ from guestagent.sched import RT_POLICIES as RT_CLASSES
 from guestagent.sched import SCHED_DEADLINE
 
 NICE_ROTATION = 4  # nice of threads that do not matter: a 1/4 slice per sweep
+# Threads whose exit is watched by a pidfd of their own (see ``exits_watched``);
+# more real-time or chosen threads than this, and every event is read at once.
+MAX_EXIT_WATCH = 64
 
 
 @dataclass(frozen=True)
@@ -157,6 +167,10 @@ class ThreadTable:
         self._phase = 0  # which slice of the threads has its nice asked this sweep
         self.young = YoungThreads()
         self._dropped = False  # a thread that mattered left since the last look
+        self._exit_fds: dict[int, int] = {}  # tid -> pidfd, see exit_fds()
+        self._exit_tids: dict[int, int] = {}  # pidfd -> tid
+        self._exit_watch = watch  # False once the kernel refused a thread pidfd
+        self.exits_watched = False  # every thread whose exit matters has a pidfd
         self.events: ProcEventSource | None = None
         self.mode = "rescan"
         if watch:
@@ -173,20 +187,84 @@ class ThreadTable:
     def fileno(self) -> int | None:
         return self.events.fileno() if self.events else None
 
-    def handle_readable(self) -> None:
+    def handle_readable(self) -> int:
+        """Read and apply the queued events; returns how many there were."""
         if not self.events:
-            return
+            return 0
         try:
             events, lost = self.events.read()
         except OSError as err:
             self._note("connector-read", f"process events read failed ({err.strerror}): "
                        "rescanning /proc")
             self._needs_rescan = True
-            return
+            return 0
         if lost:
             self._note("!overrun", "process events overflowed the socket buffer: rescanning /proc")
             self._needs_rescan = True
         self.apply(events)
+        return len(events) + lost
+
+    # -- exits that matter ----------------------------------------------------
+
+    def exit_fds(self) -> list[int]:
+        """Pidfds to poll: one per thread whose exit changes what the agent decides."""
+        return list(self._exit_tids)
+
+    def watches_exit(self, fd: int) -> bool:
+        return fd in self._exit_tids
+
+    def exit_seen(self, fd: int) -> None:
+        """A watched thread exited (its pidfd is readable): take it out now."""
+        tid = self._exit_tids.get(fd)
+        self.handle_readable()  # the kernel queues the exit event before the pidfd wakes
+        if tid is not None and tid in self._exit_fds:  # the event was lost: forget it anyway
+            self._dropped = self._dropped or tid in self._info
+            self._forget(tid)
+
+    def _exit_matters(self, tid: int) -> bool:
+        info = self._info.get(tid)
+        return info is not None and not info.is_kthread and \
+            (info.is_rt or tid in self._interested)
+
+    def _watch_exits(self, tids: Iterable[int] | None = None) -> None:
+        """Give each thread whose exit matters a pidfd and close those of the others:
+        of every thread (after a sweep) or of just these (after a refresh)."""
+        if not self._exit_watch:
+            return
+        if tids is None:
+            for tid in [t for t in self._exit_fds if not self._exit_matters(t)]:
+                self._unwatch_exit(tid)
+            tids, self.exits_watched = self._info, True
+        for tid in tids:
+            if not self._exit_matters(tid):
+                self._unwatch_exit(tid)
+            elif tid not in self._exit_fds and not self._watch_exit(tid):
+                return
+
+    def _watch_exit(self, tid: int) -> bool:
+        """Open tid's pidfd; False when no more can be watched (then events are read at
+        once: ``exits_watched`` is False until a sweep finds room again)."""
+        if len(self._exit_fds) >= MAX_EXIT_WATCH:
+            self.exits_watched = False
+            return False
+        try:
+            fd = self._kernel.exit_watch(tid)
+        except OSError as err:
+            if _gone(err):
+                return True  # exited already: its event is on its way
+            self._exit_watch = self.exits_watched = False  # (EINVAL: Linux < 6.9)
+            for t in list(self._exit_fds):
+                self._unwatch_exit(t)
+            return False
+        self._exit_fds[tid] = fd
+        self._exit_tids[fd] = tid
+        return True
+
+    def _unwatch_exit(self, tid: int) -> None:
+        fd = self._exit_fds.pop(tid, None)
+        if fd is not None:
+            del self._exit_tids[fd]
+            os.close(fd)
 
     def apply(self, events: list[ProcEvent]) -> None:
         """Update the set of threads from connector events (in kernel order)."""
@@ -324,6 +402,7 @@ class ThreadTable:
         self._raw.pop(tid, None)
         self._info.pop(tid, None)
         self._stat.drop(tid)
+        self._unwatch_exit(tid)
 
     def __len__(self) -> int:
         return len(self._known)
@@ -375,6 +454,7 @@ class ThreadTable:
                        "version: shown as OTHER")
         if full:
             self._stat.keep_only(self._info)
+        self._watch_exits()
         self._dropped = False  # this sweep shows it
         return tuple(self._info[t] for t in sorted(self._info)), self._take_notes()
 
@@ -388,12 +468,12 @@ class ThreadTable:
         """
         unknown_policies: set[int] = set()
         changed, self._dropped = self._dropped, False
-        for tid in tids:
-            if tid not in self._known:
-                continue
+        read = [tid for tid in tids if tid in self._known]
+        for tid in read:
             before = self._info.get(tid)
             self._read_detail(tid, unknown_policies, None)
             changed = changed or self._info.get(tid) != before
+        self._watch_exits(read)
         return tuple(self._info[t] for t in sorted(self._info)), changed
 
     def _verify(self, checks: list[tuple[int, ThreadInfo]], unknown_policies: set[int]) -> None:
@@ -507,6 +587,8 @@ class ThreadTable:
 
     def close(self) -> None:
         self._stat.close()
+        for tid in list(self._exit_fds):
+            self._unwatch_exit(tid)
         if self.events:
             self.events.close()
             self.events = None

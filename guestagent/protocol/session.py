@@ -204,7 +204,13 @@ class HostRegionSession:
             self.guest, self.reason = guest, "guest has not formatted the region"
             return False
         self._candidate = guest
-        return guest.epoch != self.control.guest_epoch
+        if guest.epoch == self.control.guest_epoch:
+            return False
+        # A new epoch ends the session we knew, whatever judge() then says: its hints
+        # must not outlive it (a header still unreadable would otherwise keep them
+        # until the old heartbeat went stale).
+        self.generation, self.hints = 0, ()
+        return True
 
     def judge(self, header: bytes, mapped_size: int) -> Verdict:
         """The verdict on the candidate guest's header.

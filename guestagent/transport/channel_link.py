@@ -375,6 +375,7 @@ class ChannelHostLink(_ChannelEnd):
         self._hints: tuple[VcpuHint, ...] = ()
         self._table: bytes | None = None
         self._ack: int | None = None
+        self._guest_epoch = 0  # of the last hello
         self._cap_seq = 0
 
     def fileno(self) -> int | None:
@@ -410,10 +411,20 @@ class ChannelHostLink(_ChannelEnd):
 
     def _on_down(self) -> None:
         self._guest_state = PeerState.ABSENT
+        self._forget_session()
+
+    def _forget_session(self) -> None:
+        """The guest's session ended (the stream dropped, it synced, or a hello of
+        another epoch came): its hints must not be acted on in the next session,
+        which starts neutral until the guest sends a table of its own."""
+        self._generation, self._hints = 0, ()
         self._ack = None  # a new session needs the acknowledgement again
 
     def _event(self, event: object, now: float) -> None:
         if isinstance(event, Hello):
+            if self._guest_epoch != event.epoch:
+                self._forget_session()
+            self._guest_epoch = event.epoch
             if self.conn.state == LinkState.UP:
                 self._reason = ""
                 if self._guest_state == PeerState.ABSENT:
@@ -429,6 +440,7 @@ class ChannelHostLink(_ChannelEnd):
             self._guest_state = event.state
         elif isinstance(event, Resync):
             self._guest_state = PeerState.ABSENT
+            self._forget_session()
 
     def publish_capacity(self, caps: Sequence[VcpuCapacity], now: float) -> None:
         self._cap_seq += 1
