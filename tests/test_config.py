@@ -49,7 +49,7 @@ def test_values_override_defaults():
      "f.toml:4: duplicate rule name 'a'"),
     (b"[[rule]]\nname='a'\ncomm='x'\npriority = 100\n", "f.toml:4: rule.priority must be at most 99"),
     (b"[[rule]]\nname='a'\ncomm='x'\n[[rule]]\nname='b'\nfoo=1\n", "f.toml:6: unknown key rule.foo"),
-    (b"[agent\n", "f.toml: "),
+    (b"[agent\n", "f.toml:1: "),  # the line from the text, whatever the parser
     (b"\xff\xfe", "f.toml: not UTF-8"),
 ])
 def test_invalid_config_names_file_and_line(text, message):
@@ -129,3 +129,11 @@ def test_the_daemons_own_run_directory_and_existing_ones_are_accepted(tmp_path):
                        f'local_region = "{tmp_path}/r"\n[metrics]\ntextfile_dir = "{tmp_path}"\n'
                        .encode())
     assert cfg.control["socket"] == "/run/guestagent/x.sock"
+
+
+def test_a_toml_syntax_error_names_the_line_from_the_text_whatever_the_parser():
+    # tomli (Python 3.9, 3.10) and tomllib word and place their errors differently; the
+    # line comes from the document, so both interpreters report the same `file:line:`.
+    with pytest.raises(ConfigError) as err:
+        parse_config(b"[agent]\nhold_time_ms = 100\nsweep = [\n", "/etc/g.toml")
+    assert str(err.value).startswith("/etc/g.toml:3: ") and "(at line" not in str(err.value)

@@ -15,7 +15,7 @@ from typing import Any
 
 from guestagent.errors import ConfigError
 from guestagent.linux.procfs import systemd_unit
-from guestagent.linux.schema import KeyLines, KeySpec, check_value, tomllib
+from guestagent.linux.schema import KeyLines, KeySpec, check_value, parse_document
 from guestagent.protocol.model import SchedClass
 from guestagent.sched import NICE_MAX, NICE_MIN, POLICY_BY_NAME, RT_PRIORITY_MAX
 
@@ -231,10 +231,7 @@ def parse_config(raw: bytes, path: str = "<string>") -> Config:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not UTF-8 (byte {err.start})") from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: {err}") from None
+    data = parse_document(text, path)  # `path:line: what`, the line from the text itself
     lines = KeyLines(text)
     values = default_config().values
     specs = {(k.section, k.name): k for k in SCHEMA}
