@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from guestagent.host.qmp import QmpClient
+from guestagent.sched import POLICY_MASK
 
 HINTS_PORT = "org.guestagent.hints.0"
 CTL_PORT = "org.guestagent.test.ctl"
@@ -205,12 +206,15 @@ class GuestControl:
 class SchedState:
     """A thread's scheduling policy as the kernel reports it."""
 
-    policy: int  # os.SCHED_*
+    policy: int  # os.SCHED_*, without flag bits
     priority: int
 
 
 def sched_state(tid: int) -> SchedState:
-    return SchedState(os.sched_getscheduler(tid), os.sched_getparam(tid).sched_priority)
+    # The host service boosts with SCHED_RESET_ON_FORK, which the kernel ORs into the
+    # policy it reports; the tests ask which policy, not which flags.
+    return SchedState(os.sched_getscheduler(tid) & POLICY_MASK,
+                      os.sched_getparam(tid).sched_priority)
 
 
 def vcpu_threads_from_names(qemu_pid: int) -> dict[int, int]:
