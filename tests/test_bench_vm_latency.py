@@ -498,3 +498,18 @@ def test_a_guest_that_dies_at_boot_is_one_line(monkeypatch, capsys) -> None:
     err = capsys.readouterr().err
     assert err == ("vm_latency: error: the guest: /tmp/x/qmp.sock: cannot talk QMP: "
                    "Connection reset by peer\n")
+
+
+def test_a_host_load_worker_that_dies_is_one_line_naming_it() -> None:
+    """A worker gone mid-run (killed here) made the next sample a FileNotFoundError
+    traceback; the throughput figures cannot be trusted then, so the run stops, saying so."""
+    from bench.vm_latency.hostload import HostLoad, LoadError
+
+    cpu = sorted(os.sched_getaffinity(0))[0]
+    with HostLoad([cpu], 2) as load:
+        victim = load.procs[1]
+        victim.kill()
+        victim.wait()
+        with pytest.raises(LoadError, match=rf"worker {victim.pid} \(CPU {cpu}\) is gone, "
+                                            r"exit status -9"):
+            load.sample()

@@ -33,6 +33,10 @@ while True:
 """
 
 
+class LoadError(Exception):
+    """A host load worker is gone: the throughput figures would be wrong."""
+
+
 class HostLoad:
     """``per_cpu`` workers pinned to each CPU in ``cpus``, at the default policy and nice:
     more runnable threads than CPUs, as on an oversubscribed host."""
@@ -67,9 +71,13 @@ class HostLoad:
     def sample(self) -> LoadSample:
         work = sum(struct.unpack_from(f"{len(self.homes)}Q", self._counters))
         ticks = 0
-        for p in self.procs:
-            with open(f"/proc/{p.pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+        for p, cpu in zip(self.procs, self.homes):
+            try:
+                with open(f"/proc/{p.pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except FileNotFoundError:
+                raise LoadError(f"host load worker {p.pid} (CPU {cpu}) is gone, exit status "
+                                f"{p.poll()}") from None
             ticks += int(fields[11]) + int(fields[12])  # utime, stime
         return LoadSample(time.monotonic(), work, ticks / self._tick)
 

@@ -45,7 +45,7 @@ from bench.vm_latency.cyclictest import (  # noqa: E402
     smp_argv,
 )
 from bench.vm_latency.figures import WindowResult, load_rate, mode_figures  # noqa: E402
-from bench.vm_latency.hostload import HostLoad  # noqa: E402
+from bench.vm_latency.hostload import HostLoad, LoadError  # noqa: E402
 from bench.vm_latency.targets import reference_lines, target_lines  # noqa: E402
 from bench.vm_latency.timeline import (  # noqa: E402
     MAIN_THREAD,
@@ -372,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     try:
         return run(args, argv)
-    except (BenchError, hostservice.ServiceError) as err:
+    except (BenchError, hostservice.ServiceError, LoadError) as err:
         print(f"vm_latency: error: {err}", file=sys.stderr)
         return 1
     except GuestagentError as err:  # QMP refused at boot: QEMU died (KVM that does not work)
