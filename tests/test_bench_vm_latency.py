@@ -513,3 +513,18 @@ def test_a_host_load_worker_that_dies_is_one_line_naming_it() -> None:
         with pytest.raises(LoadError, match=rf"worker {victim.pid} \(CPU {cpu}\) is gone, "
                                             r"exit status -9"):
             load.sample()
+
+
+def test_a_plot_written_where_the_record_keeps_it_is_left_in_place(tmp_path) -> None:
+    """`--png docs/performance.png` made the record's copy a SameFileError after a full
+    run, and docs/performance.md was never written."""
+    from bench.vm_latency.run import place_plot
+
+    plot = tmp_path / "performance.png"
+    plot.write_bytes(b"png")
+    place_plot(str(plot), plot)
+    assert plot.read_bytes() == b"png"
+    elsewhere = tmp_path / "out.png"
+    elsewhere.write_bytes(b"new")
+    place_plot(str(elsewhere), plot)
+    assert plot.read_bytes() == b"new"

@@ -313,7 +313,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
                             len(MODES)))
     full = is_full_run(modes, args)
     if args.record or full:
-        shutil.copyfile(args.png, DOC_PNG)
+        place_plot(args.png, DOC_PNG)
         command = "python3 -m bench.vm_latency " + shlex.join(argv)
         DOC.write_text(report.performance_md(report.RunRecord(
             command=command.strip(),
@@ -343,6 +343,12 @@ def full_run_estimate(total: float, boot: float, measuring: float, windows: int,
                                                  + per_window)
     return (f"this run took {total / 60:.1f} min (boot {boot:.0f} s, {per_window:.0f} s of "
             f"overhead per window); a full run takes about {full / 60:.0f} min here")
+
+
+def place_plot(png: str, dest: Path) -> None:
+    """The plot beside docs/performance.md, unless --png already wrote it there."""
+    if Path(png).resolve() != dest.resolve():
+        shutil.copyfile(png, dest)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
