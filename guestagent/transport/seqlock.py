@@ -4,19 +4,41 @@ The rule of KVM's steal-time `version` (docs/protocol.md, "Sequence counters"):
 the writer makes the counter odd, writes, makes it even; the reader retries
 while it is odd or changed, a bounded number of times. Python's buffer copies
 are memcpy calls, which x86's store order (TSO) keeps in program order.
+
+The counter itself is read and written as one aligned 4-byte access. struct's
+"<I" moves it a byte at a time, so a reader could see a mix of two counter
+values (a carry half-written) that equals the one it started from while the
+payload changed under it.
 """
 
 from __future__ import annotations
 
 import mmap
 import struct
+import sys
 from typing import Callable, TypeVar, Union
 
 Buffer = Union[bytearray, memoryview, mmap.mmap]
 T = TypeVar("T")
 
 READ_RETRIES = 64
-_SEQ = struct.Struct("<I")
+_NATIVE = struct.Struct("I")  # native mode: one memcpy of 4 bytes, a single load or store
+_SWAP = sys.byteorder != "little"  # the wire is little-endian
+
+
+def _bswap(value: int) -> int:
+    return int.from_bytes(value.to_bytes(4, "little"), "big")
+
+
+def _load_seq(buf: Buffer, offset: int) -> int:
+    """The line's counter, read in one access."""
+    value = _NATIVE.unpack_from(buf, offset)[0]
+    return _bswap(value) if _SWAP else value
+
+
+def _store_seq(buf: Buffer, offset: int, value: int) -> None:
+    """Set the line's counter in one access."""
+    _NATIVE.pack_into(buf, offset, _bswap(value) if _SWAP else value)
 
 
 def write_line(buf: Buffer, offset: int, line: bytes) -> int:
@@ -25,12 +47,12 @@ def write_line(buf: Buffer, offset: int, line: bytes) -> int:
     The caller must be the line's only writer. A counter left odd by a writer
     that died mid-update is simply carried on from (it stays odd until done).
     """
-    seq = _SEQ.unpack_from(buf, offset)[0]
+    seq = _load_seq(buf, offset)
     odd = seq if seq & 1 else (seq + 1) & 0xFFFFFFFF
-    _SEQ.pack_into(buf, offset, odd)
+    _store_seq(buf, offset, odd)
     buf[offset + 4:offset + len(line)] = line[4:]
     done = (odd + 1) & 0xFFFFFFFF
-    _SEQ.pack_into(buf, offset, done)
+    _store_seq(buf, offset, done)
     return done
 
 
@@ -38,13 +60,12 @@ def read_consistent(buf: Buffer, offset: int, read: Callable[[Buffer, int], T],
                     retries: int = READ_RETRIES) -> T | None:
     """read(buf, offset) taken under the line's seqlock, or None if the writer kept
     the line busy for every retry (or died mid-update)."""
-    unpack = _SEQ.unpack_from
     for _ in range(retries):
-        before = unpack(buf, offset)[0]
+        before = _load_seq(buf, offset)
         if before & 1:
             continue
         value = read(buf, offset)
-        if unpack(buf, offset)[0] == before:
+        if _load_seq(buf, offset) == before:
             return value
     return None
 
