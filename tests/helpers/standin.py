@@ -131,9 +131,17 @@ class Standin:
         self.pid = self.proc.pid
         self.tids = {}
         self.iothreads: dict[str, int] = {}  # iothread id -> tid
+        self._scan()
+
+    def _scan(self) -> None:
+        """Note the vCPU and I/O threads by name. A QMP connection's thread may exit
+        between listing and reading its name; it is neither, so it is skipped."""
         for entry in os.listdir(f"/proc/{self.pid}/task"):
-            with open(f"/proc/{self.pid}/task/{entry}/comm") as f:
-                name = f.read().strip()
+            try:
+                with open(f"/proc/{self.pid}/task/{entry}/comm") as f:
+                    name = f.read().strip()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
             if name.startswith("CPU "):
                 self.tids[int(name.split()[1].split("/")[0])] = int(entry)
             elif name.startswith("IO "):
@@ -149,11 +157,7 @@ class Standin:
                 f.write(json.dumps(cmd).encode() + b"\n")
                 f.flush()
                 assert "return" in json.loads(f.readline()), cmd
-        for entry in os.listdir(f"/proc/{self.pid}/task"):
-            with open(f"/proc/{self.pid}/task/{entry}/comm") as f:
-                name = f.read().strip()
-            if name.startswith("CPU "):
-                self.tids[int(name.split()[1].split("/")[0])] = int(entry)
+        self._scan()
         return max(self.tids)
 
     def stop(self) -> None:
