@@ -15,7 +15,7 @@ from helpers.agentcore import (
     make_core,
     run_until,
 )
-from helpers.snapshots import FIFO, snap, thread
+from helpers.snapshots import BATCH, FIFO, cpus, snap, thread
 from helpers.threads import sched_thread
 from helpers.waiting import wait_for
 
@@ -172,3 +172,28 @@ def probe_behind_vcpu1(core) -> bool:
     """Whether the probe thread is among vCPU 1's reasons (also while held); other
     work on this shared machine may hold a boost of its own there."""
     return any("core-probe" in r for r in core.decision.vcpus[1].reasons)
+
+
+def test_the_agent_moves_its_own_threads_off_a_vcpu_it_unboosts_and_back():
+    # The affinity calls are recorded rather than made: they would move pytest itself.
+    calls: list[tuple[int, frozenset[int]]] = []
+    batch = thread(30, BATCH, cpus=(0, 1), last=0, comm="batch")
+    lowered = snap([batch], cpu_state=cpus(busy={0: 0.95, 1: 0.3}, lowprio={0: 0.94}))
+    clock = FakeClock()
+    observer = ScriptedObserver(lowered)
+    links = ScriptedLinks()
+    core = make_core(observer, config(hold_ms=0), clock, links,
+                     set_affinity=lambda tid, cpus: calls.append((tid, cpus)))
+    core.own_original = core.own_applied = frozenset({0, 1})
+    core.step(clock.now)
+    assert requests(links.opened[0].last) == ["UNBOOST", "NEUTRAL"]
+    assert {tid for tid, _ in calls} == {int(t) for t in os.listdir("/proc/self/task")}
+    assert {c for _, c in calls} == {frozenset({1})}
+    calls.clear()
+    core.step(clock.now)
+    assert calls == [], "nothing to do while the hints stay the same"
+    clock.now += 1.0
+    observer.changes(snap([], cpu_state=cpus(busy={0: 0.5, 1: 0.3}, lowprio={0: 0.0})))
+    run_until(core, clock, clock.now + 0.1)
+    assert requests(links.opened[0].last) == ["NEUTRAL", "NEUTRAL"]
+    assert {c for _, c in calls} == {frozenset({0, 1})}, "back where it started"

@@ -5,7 +5,8 @@ from __future__ import annotations
 from helpers.snapshots import cpus, snap, thread
 
 from guestagent.agent.config import parse_config
-from guestagent.agent.steer import SteerState, capacity_from_steal, plan, restores
+from guestagent.agent.steer import SteerState, capacity_from_steal, own_cpus, plan, restores
+from guestagent.protocol.model import Request, VcpuHint
 
 STEER = parse_config(b"[steering]\nenabled=true\nhysteresis=100\nmin_dwell_ms=5000\n"
                      b"[[rule]]\nname='audio'\ncomm='pw-*'\nsteer=true\n"
@@ -91,3 +92,24 @@ def test_without_host_capacity_steal_time_estimates_it():
     state = type(state)(**{**state.__dict__, "steal": {0: 0.6, 1: 0.0}})
     moves, _ = plan(snap([pw((0, 1))], cpu_state=state), STEER, None, SteerState(), 0.0)
     assert set(moves[0].affinity) == {1}
+
+
+def _hints(*requests: Request) -> list[VcpuHint]:
+    return [VcpuHint(vcpu=v, request=r) for v, r in enumerate(requests)]
+
+
+def test_the_agent_stays_off_the_vcpus_it_unboosts():
+    every = frozenset({0, 1, 2, 3})
+    lowered = _hints(Request.UNBOOST, Request.BOOST, Request.NEUTRAL, Request.UNBOOST)
+    assert own_cpus(every, lowered, every) == {1, 2}
+    assert own_cpus(frozenset({0, 1}), lowered, every) == {1}, "within its own affinity"
+    assert own_cpus(every, lowered, frozenset({0, 1, 3})) == {1}, "online only"
+    assert own_cpus(every, _hints(*[Request.NEUTRAL] * 4), every) == every
+
+
+def test_the_agent_keeps_its_cpus_when_every_one_it_may_use_is_unboosted():
+    # An admin who pinned the agent to vCPU 0 (CPUAffinity=0) keeps it there.
+    lowered = _hints(Request.UNBOOST, Request.NEUTRAL)
+    assert own_cpus(frozenset({0}), lowered, frozenset({0, 1})) == {0}
+    assert own_cpus(frozenset({0, 1}), _hints(Request.UNBOOST, Request.UNBOOST),
+                    frozenset({0, 1})) == {0, 1}

@@ -33,7 +33,7 @@ from guestagent.agent.report import (
     hint_json,
     hints_json,
 )
-from guestagent.agent.steer import SteerState, plan, restores
+from guestagent.agent.steer import SteerState, own_cpus, plan, restores
 from guestagent.agent.uplink import Uplink
 from guestagent.errors import GuestagentError
 from guestagent.observe import Observer, Snapshot, ThreadIdentity
@@ -119,6 +119,8 @@ class AgentCore:
         self.nr_vcpus = self.snapshot.cpus.nr_vcpus
         self.policy_state = PolicyState()
         self.steer_state = SteerState()
+        self.own_original = frozenset(os.sched_getaffinity(0))  # the agent's, at start
+        self.own_applied = self.own_original
         self.decision: Decision | None = None
         self.generation = 0
         self.sweeps = 0
@@ -146,6 +148,7 @@ class AgentCore:
         if self.observe(now) or (self.hold_until is not None and now >= self.hold_until):
             self.decide(now)
             self.publish(now)
+            self.place_self()
             self.steer(now)
         else:
             self.publish(now)
@@ -223,6 +226,24 @@ class AgentCore:
                           move.tid, cpus, move.reason)
             if not dry:
                 self.set_affinity(move.tid, move.affinity)
+
+    def place_self(self) -> None:
+        """Keep the agent's threads off the vCPUs it unboosts (steer.own_cpus says why)."""
+        if self.decision is None:
+            return
+        want = own_cpus(self.own_original, self.decision.hints, self.snapshot.cpus.online)
+        if want == self.own_applied:
+            return
+        self.log.info("agent runs on CPUs %s: off the vCPUs it unboosts",
+                      ",".join(map(str, sorted(want))))
+        try:
+            tids = [int(t) for t in os.listdir("/proc/self/task")]
+        except OSError as err:
+            self.note(f"cannot list the agent's own threads: {err.strerror}")
+            return
+        for tid in tids:
+            self.set_affinity(tid, want)
+        self.own_applied = want
 
     def set_affinity(self, tid: int, cpus: frozenset[int]) -> None:
         try:

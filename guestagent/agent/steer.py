@@ -8,11 +8,11 @@ or priority and never touches IRQ affinity.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from guestagent.agent.config import Config, Rule, first_rule
-from guestagent.protocol.model import CAPACITY_MAX
+from guestagent.protocol.model import CAPACITY_MAX, Request, VcpuHint
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,17 @@ def plan(snapshot, config: Config, capacity: Mapping[int, int] | None,
                           f"rule {rule.name}: capacity {caps}"))
         steered[thread.tid] = Steered(thread.tid, original, target, now)
     return moves, SteerState(steered)
+
+
+def own_cpus(original: frozenset[int], hints: Sequence[VcpuHint],
+             online: frozenset[int]) -> frozenset[int]:
+    """Where the agent's own threads run: where they were allowed to at start, less the
+    vCPUs it asks the host to serve less. Its heartbeats keep the host's lease on every
+    boost; from a throttled vCPU they come late (seconds under TCG), and a lapsed lease
+    drops the boosts the latency work needs. Unchanged if that leaves nothing."""
+    lowered = {h.vcpu for h in hints if h.request == Request.UNBOOST}
+    keep = (original & online) - lowered
+    return keep or original
 
 
 def restores(state: SteerState) -> list[tuple[int, frozenset[int]]]:

@@ -135,13 +135,14 @@ min_change_interval_ms = 0
 
 
 def make_core(observer, cfg: Config, clock: FakeClock, links: ScriptedLinks | None = None,
-              default_path: str = "/nonexistent/guestagent.toml") -> AgentCore:
+              default_path: str = "/nonexistent/guestagent.toml",
+              set_affinity=lambda tid, cpus: None) -> AgentCore:
     log = logging.getLogger("guestagent.test")
     notes = Notes(log)
     links = links or ScriptedLinks()
     uplink = Uplink(notes, log, Counter(), find=links.find, opener=links.open)
     return AgentCore(cfg, observer, uplink, notes, clock, log, default_path=default_path,
-                     set_affinity=lambda tid, cpus: None)
+                     set_affinity=set_affinity)
 
 
 def run_until(core: AgentCore, clock: FakeClock, until: float, tick: float = 0.01) -> None:
