@@ -275,6 +275,27 @@ def test_reference_lines_only_for_modes_run() -> None:
                                      f"{'host p99 (SCHED_OTHER) none / idle':<46}   1.00x"]
 
 
+def test_the_unbudgeted_mode_is_read_against_static_and_none() -> None:
+    figs = _figures({"idle": 500, "none": 6000, "static": 1000, "unbudgeted": 1100},
+                    {"idle": 0, "none": 1, "static": 1, "unbudgeted": 1})
+    lines = reference_lines(figs)
+    assert f"{'guest p99 unbudgeted / static':<46}   1.10x" in lines
+    assert f"{'guest p99 none / unbudgeted':<46}   5.45x" in lines
+
+
+@pytest.mark.parametrize("mode", ["guestagent", "unbudgeted"])
+def test_each_service_mode_writes_a_config_the_host_service_accepts(tmp_path, mode) -> None:
+    from types import SimpleNamespace
+
+    from bench.vm_latency.hostservice import SERVICE_MODES, UNBUDGETED
+    from guestagent.host.serviceconfig import load_service
+
+    vm = SimpleNamespace(workdir=tmp_path, peer_qmp_sock="q.sock", hints_sock="h.sock")
+    argv = SERVICE_MODES[mode].argv(vm, str(tmp_path / "status"))
+    settings = load_service(argv[argv.index("--config") + 1])
+    assert settings.arbiter.budget == (UNBUDGETED if mode == "unbudgeted" else 0.5)
+
+
 # --- report --------------------------------------------------------------------------------
 
 
@@ -352,10 +373,12 @@ def test_rounds_are_interleaved_and_rotated() -> None:
 
 def test_full_run_and_its_estimate() -> None:
     args = argparse.Namespace(seconds=5, rounds=1)
-    assert not is_full_run(["idle", "none", "static", "guestagent", "isolated"], args)
+    every = ["idle", "none", "static", "guestagent", "unbudgeted", "isolated"]
+    assert not is_full_run(every, args)
     full = argparse.Namespace(seconds=60, rounds=3)
-    assert is_full_run(["idle", "none", "static", "guestagent", "isolated"], full)
+    assert is_full_run(every, full)
     assert not is_full_run(["idle", "none"], full)
+    assert not is_full_run([m for m in every if m != "unbudgeted"], full)
     # 100 s boot, 5 windows of 5 s + 20 s overhead each, 5 s after: full = 105 + 15 * 80
     line = full_run_estimate(230.0, 100.0, 125.0, 5, args, 5)
     assert "took 3.8 min" in line and "20 s of overhead" in line and "about 22 min" in line

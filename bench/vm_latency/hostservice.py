@@ -28,17 +28,18 @@ class ServiceMode:
     argv: Callable[[GuestVM, str], list[str]]  # (the guest, the status socket) -> command
 
 
-def _serve_argv(vm: GuestVM, status_socket: str) -> list[str]:
+def _serve_argv(vm: GuestVM, status_socket: str, settings: str = "") -> list[str]:
     """The host service for a whole host, confined to this guest: a drop-in names it, and
     an empty libvirt status directory keeps other people's domains on a shared machine out.
-    Default limits, budgets and emulator policy."""
+    Default limits, budgets and emulator policy, unless ``settings`` adds [host] keys."""
     dropins, libvirt = vm.workdir / "vms.d", vm.workdir / "no-libvirt"
     dropins.mkdir(exist_ok=True)
     libvirt.mkdir(exist_ok=True)
     (dropins / "latency.toml").write_text(
         f'qmp = "{vm.peer_qmp_sock}"\nchannel = "{vm.hints_sock}"\n')
     config = vm.workdir / "host.toml"
-    config.write_text(f'[host]\ndropin_dir = "{dropins}"\nlibvirt_status_dir = "{libvirt}"\n')
+    config.write_text(f'[host]\ndropin_dir = "{dropins}"\nlibvirt_status_dir = "{libvirt}"\n'
+                      + settings)
     return [sys.executable, "-m", "guestagent.host.cli", "serve", "--config", str(config),
             "--status-socket", status_socket, "--state-dir", str(vm.workdir / "state")]
 
@@ -49,6 +50,15 @@ HOST_SERVICE = ServiceMode(
     "`guestagent-host serve`, default limits, budgets and emulator policy "
     "(\"follow\" under TCG, \"never\" under KVM)",
     _serve_argv)
+
+# The same with a budget no window can spend (the schema's largest): the hints alone,
+# to tell what they give from what the budget, a host-side safety limit, takes back.
+UNBUDGETED = 3600.0
+HOST_SERVICE_UNBUDGETED = ServiceMode(
+    f"the same with `boost_budget = {UNBUDGETED:.0f}` (seconds), a budget no window spends",
+    lambda vm, status_socket: _serve_argv(vm, status_socket,
+                                          f"boost_budget = {UNBUDGETED}\n"))
+SERVICE_MODES = {"guestagent": HOST_SERVICE, "unbudgeted": HOST_SERVICE_UNBUDGETED}
 
 
 def service_unavailable() -> str | None:
@@ -116,8 +126,8 @@ AGENT_CONFIG = (
 
 
 @contextlib.contextmanager
-def guestagent_running(vm: GuestVM, tag: str, log, settled: Callable[[], bool]
-                       ) -> Iterator[None]:
+def guestagent_running(vm: GuestVM, tag: str, log, settled: Callable[[], bool],
+                       host: ServiceMode = HOST_SERVICE) -> Iterator[None]:
     """`guestagent run` in the guest over the hints port, the host service beside QEMU;
     enters once they have negotiated and ``settled()`` holds: the agent's start-up (seconds
     of Python under TCG, on whichever vCPU is free) is not what a long-running agent costs."""
@@ -125,7 +135,7 @@ def guestagent_running(vm: GuestVM, tag: str, log, settled: Callable[[], bool]
     config.write_text(AGENT_CONFIG)
     status_socket = str(vm.workdir / f"service-{tag}.status")
     service_log = open(vm.workdir / f"service-{tag}.log", "wb")
-    service = subprocess.Popen(HOST_SERVICE.argv(vm, status_socket),
+    service = subprocess.Popen(host.argv(vm, status_socket),
                                stdout=service_log, stderr=subprocess.STDOUT)
     agent = vm.spawn([sys.executable, "-m", "guestagent", "run", "--config", str(config)])
     try:

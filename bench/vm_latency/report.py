@@ -11,12 +11,13 @@ from .cyclictest import Histogram
 from .figures import ModeFigures
 from .timeline import Segment, Window, class_of, thread_order
 
-MODES = ("idle", "none", "static", "guestagent", "isolated")
+MODES = ("idle", "none", "static", "guestagent", "unbudgeted", "isolated")
 MODE_TITLES = {
     "idle": "idle: no host load",
     "none": "none: host load, nothing boosted",
     "static": "static: every vCPU + main loop FIFO 1",
     "guestagent": "guestagent: hints, host service",
+    "unbudgeted": "unbudgeted: hints, no budget in reach",
     "isolated": "isolated: vCPU 1 + main loop alone on a CPU",
 }
 SIDE_TITLES = {
@@ -187,7 +188,7 @@ class RunRecord:
 
 
 METHOD = """\
-One guest (2 vCPUs, booted once) and five modes that take turns, interleaved, each round
+One guest (2 vCPUs, booted once) and six modes that take turns, interleaved, each round
 starting one mode later:
 
 - `idle`: no host load, the least latency this machine gives;
@@ -199,6 +200,9 @@ starting one mode later:
   beside QEMU with its default limits and budgets (0.5 s of boosted run time per thread,
   earned back 1:1 while unboosted) and its default emulator policy, which under TCG
   boosts QEMU's main loop while a vCPU is boosted;
+- `unbudgeted`: as `guestagent`, with `boost_budget = 3600` seconds, a budget no window
+  spends: what the hints alone give, apart from what the budget (a host-side safety
+  limit against a guest that boosts and spins) takes back;
 - `isolated`: vCPU 1's thread and the main loop alone on the last CPU, the host load and
   QEMU's other threads on the others: what an isolated CPU gives.
 
@@ -250,7 +254,7 @@ def performance_md(rec: RunRecord) -> str:
         "## Targets (ratios from this run)",
         "",
         *block(rec.targets),
-        "## For reading them: what the load costs, what isolation gives",
+        "## For reading them: what the load costs, what isolation and the budget give",
         "",
         *block(rec.references),
         "## Figures",

@@ -8,6 +8,7 @@ One guest is booted once; the modes then take turns, interleaved, for --rounds r
   static      the host load; every vCPU thread and QEMU's main loop SCHED_FIFO 1 for the
               whole window, as Nova (hw:cpu_realtime), KubeVirt and libvirt do it
   guestagent  the host load; the agent in the guest, the host service beside QEMU
+  unbudgeted  as guestagent, with a boost budget no window spends: the hints alone
   isolated    the latency path (vCPU 1's thread and QEMU's main loop) alone on the last
               CPU; the host load and QEMU's other threads on the others
 
@@ -126,9 +127,10 @@ class Bench:
             elif mode == "static":
                 stack.enter_context(qemu_threads.static_rt(
                     self.vm.qemu_pid, [*self.vcpus.values(), self.vm.qemu_pid]))
-            elif mode == "guestagent":
+            elif mode in hostservice.SERVICE_MODES:
                 stack.enter_context(hostservice.guestagent_running(
-                    self.vm, f"{round_}", log, self.batch_vcpu_lowered))
+                    self.vm, f"{mode}-{round_}", log, self.batch_vcpu_lowered,
+                    hostservice.SERVICE_MODES[mode]))
             elif mode == "isolated":
                 cpus = sorted(os.sched_getaffinity(0))
                 stack.enter_context(qemu_threads.pinned(
@@ -152,7 +154,7 @@ class Bench:
                                          str(files["guest"])))
         started = time.monotonic()  # the guest said its RT task's process has started
         seen = {}
-        if mode == "guestagent":
+        if mode in hostservice.SERVICE_MODES:
             seen = qemu_threads.probe_boost(
                 {"vcpu": self.vcpus[GUEST_RT_VCPU], "main": self.vm.qemu_pid},
                 timeout=min(secs, 15))
@@ -182,7 +184,7 @@ class Bench:
         window = Window(mode, round_, before.t, after.t)
 
         def delay(key: str, name: str) -> float | None:
-            if mode != "guestagent":
+            if mode not in hostservice.SERVICE_MODES:
                 return None
             t = seen.get(key)
             if t is None:  # not within the probe: the sampler may still have seen it
@@ -232,7 +234,8 @@ def machine_lines(accel: str, args: argparse.Namespace,
         f"{len(os.sched_getaffinity(0))} CPUs; host cyclictest FIFO {HOST_RT_PRIORITY} "
         f"and SCHED_OTHER on every CPU; guest cyclictest FIFO {GUEST_PRIORITY} on vCPU "
         f"{GUEST_RT_VCPU}, nice-19 busy loop on vCPU 0",
-        f"host service (mode guestagent): {hostservice.HOST_SERVICE.title}",
+        f"host service (mode guestagent): {hostservice.HOST_SERVICE.title}; "
+        f"(mode unbudgeted): {hostservice.HOST_SERVICE_UNBUDGETED.title}",
         "second, batch-only guest: not run (a 2-CPU host has no room for it)",
     ]
 
@@ -249,10 +252,11 @@ def check_environment(modes: Sequence[str]) -> None:
         raise BenchError("cyclictest is missing (Debian package rt-tests)")
     if os.geteuid() != 0:
         raise BenchError("needs root: cyclictest's RT threads and setting QEMU's threads")
-    if "guestagent" in modes:
+    served = [m for m in modes if m in hostservice.SERVICE_MODES]
+    if served:
         reason = hostservice.service_unavailable()
         if reason:
-            raise BenchError(f"mode guestagent: {reason}")
+            raise BenchError(f"mode {served[0]}: {reason}")
     if "isolated" in modes and len(os.sched_getaffinity(0)) < 2:
         raise BenchError("mode isolated needs at least 2 CPUs")
     try:
@@ -297,7 +301,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     figures = mode_figures(results, boosted_by_mode(timeline, windows))
     tables = [report.latency_table(figures, args.hist_us), report.host_table(figures)]
     targets, references = target_lines(figures), reference_lines(figures)
-    delays = report.delay_lines(figures)
+    delays = [line for mode in hostservice.SERVICE_MODES
+              for line in report.delay_lines(figures, mode)]
     print(f"{accel} guest; {args.rounds} rounds x {args.seconds} s per mode, interleaved")
     for head, lines in (("", ["\n\n".join(tables)]), ("", delays),
                         ("targets (ratios from this run):", targets),

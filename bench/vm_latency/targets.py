@@ -68,6 +68,11 @@ REFERENCES = (
     (GUEST_P99, "static", "idle"),
     (GUEST_P99, SUBJECT, "idle"),
     (GUEST_P99, "isolated", "idle"),
+    # The hints without the budget: how much of guestagent's gap to static is the budget's.
+    (GUEST_P99, "unbudgeted", "static"),
+    (GUEST_P99, "none", "unbudgeted"),
+    (HOST_WORK, "unbudgeted", "static"),
+    (HOST_RT_P99, "unbudgeted", "static"),
     (HOST_WORK, "none", "static"),
     (HOST_WORK, "isolated", "static"),
     (HOST_OTHER_P99, "none", "idle"),
