@@ -448,9 +448,9 @@ class GuestVM:
         """Run Python code in the guest with the host's interpreter (shared root fs)."""
         return self.run([sys.executable, "-c", code], timeout=timeout)
 
-    def spawn(self, argv: Sequence[str]) -> int:
+    def spawn(self, argv: Sequence[str], timeout: float = 60.0) -> int:
         """Start a guest process in the background; returns its guest pid."""
-        return int(self._control().request("spawn", argv=list(argv))["pid"])
+        return int(self._control().request("spawn", timeout=timeout, argv=list(argv))["pid"])
 
     def signal(self, pid: int, signum: int) -> None:
         self._control().request("signal", pid=pid, signum=int(signum))

@@ -420,6 +420,26 @@ class _Sleeper:
 
 
 @pytest.mark.root
+def test_a_thread_left_niced_or_rt_is_found_and_put_back() -> None:
+    from bench.vm_latency.qemu_threads import changed_threads, lower
+
+    t = _Sleeper()
+    try:
+        assert t.tid not in changed_threads(os.getpid())
+        os.setpriority(os.PRIO_PROCESS, t.tid, 10)  # what an unboost leaves
+        assert t.tid in changed_threads(os.getpid())
+        lower([t.tid])
+        assert os.getpriority(os.PRIO_PROCESS, t.tid) == 0
+        os.sched_setscheduler(t.tid, os.SCHED_FIFO, os.sched_param(1))
+        assert t.tid in changed_threads(os.getpid())
+        lower([t.tid])
+        assert os.sched_getscheduler(t.tid) == os.SCHED_OTHER
+        assert t.tid not in changed_threads(os.getpid())
+    finally:
+        t.stop.set()
+
+
+@pytest.mark.root
 def test_static_rt_boosts_restores_and_resets_inherited_threads() -> None:
     from bench.vm_latency.qemu_threads import Sampler, static_rt
     from bench.vm_latency.timeline import segments as build

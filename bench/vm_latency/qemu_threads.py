@@ -157,10 +157,22 @@ def static_rt(pid: int, tids: Iterable[int]) -> Iterator[None]:
 
 
 def lower(tids: Iterable[int]) -> None:
-    """SCHED_OTHER for each thread that still exists."""
+    """SCHED_OTHER at nice 0 for each thread that still exists."""
     for tid in tids:
         with contextlib.suppress(OSError):
             os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+            os.setpriority(os.PRIO_PROCESS, tid, 0)
+
+
+def changed_threads(pid: int) -> set[int]:
+    """The threads of QEMU ``pid`` at an RT policy or a nice level other than 0 now: what
+    a mode may have left behind (QEMU starts every thread at SCHED_OTHER, nice 0)."""
+    out = set()
+    for tid in qemu_tasks(pid):
+        with contextlib.suppress(OSError):  # exited meanwhile
+            if _rt(tid) or os.getpriority(os.PRIO_PROCESS, tid) != 0:
+                out.add(tid)
+    return out
 
 
 @contextlib.contextmanager

@@ -67,6 +67,9 @@ HOST_RT_PRIORITY = 30
 GUEST_BATCH = ("import os\nos.sched_setaffinity(0, {0})\nos.nice(19)\n"
                "while True:\n    pass\n")
 BOOT_TIMEOUT = 300.0
+# The guest answers slowly when its vCPU 0 shares a CPU with the whole host load
+# (isolated): a spawn once took over 60 s there.
+SPAWN_TIMEOUT = 240.0
 FULL_RUN = {"seconds": 60, "rounds": 3}
 DOC = REPO_ROOT / "docs" / "performance.md"
 DOC_PNG = REPO_ROOT / "docs" / "performance.png"
@@ -106,13 +109,14 @@ class Bench:
         batch = next(tid for v, tid in self.vcpus.items() if v != GUEST_RT_VCPU)
         return os.getpriority(os.PRIO_PROCESS, batch) > 0
 
-    def no_rt_left(self, mode: str) -> None:
-        """After a window no QEMU thread may stay RT into the next mode's; say so if one
-        did, and lower it."""
+    def nothing_left(self, mode: str) -> None:
+        """After a window no QEMU thread may stay RT or niced into the next mode's (a vCPU
+        left at nice 10 starves the guest under isolated's crowded CPU); say so if one
+        did, and put it back."""
         names = qemu_threads.qemu_tasks(self.vm.qemu_pid)
-        left = qemu_threads.rt_threads(self.vm.qemu_pid)
+        left = qemu_threads.changed_threads(self.vm.qemu_pid)
         if left:
-            log(f"after {mode}: still RT, now lowered: "
+            log(f"after {mode}: still RT or niced, now put back: "
                 + ", ".join(names.get(t, str(t)) for t in sorted(left)))
             qemu_threads.lower(left)
 
@@ -120,7 +124,7 @@ class Bench:
     def mode(self, mode: str, round_: int) -> Iterator[None]:
         """The host as the mode wants it, for the length of one window."""
         with contextlib.ExitStack() as stack:
-            stack.callback(self.no_rt_left, mode)
+            stack.callback(self.nothing_left, mode)
             if mode == "idle":
                 self.load.pause()
                 stack.callback(self.load.resume)
@@ -150,9 +154,13 @@ class Bench:
                                        text=True)
                 for side, prio in (("host_rt", HOST_RT_PRIORITY), ("host_other", 0))}
         before = self.load.sample()
+        asked = time.monotonic()
         gpid = self.vm.spawn(pinned_argv(secs, GUEST_PRIORITY, GUEST_RT_VCPU, hist_us,
-                                         str(files["guest"])))
+                                         str(files["guest"])), timeout=SPAWN_TIMEOUT)
         started = time.monotonic()  # the guest said its RT task's process has started
+        if started - asked > secs / 10:
+            log(f"{mode} round {round_ + 1}: the guest took {started - asked:.0f} s to start "
+                f"cyclictest; the host's cyclictests ran that much ahead of it")
         seen = {}
         if mode in hostservice.SERVICE_MODES:
             seen = qemu_threads.probe_boost(
