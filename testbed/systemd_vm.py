@@ -32,7 +32,7 @@ from testbed.watchdog import GuestWatchdog
 HINTS_DEVICE_ID = "gahintsport"
 # A TCG boot with cloud-init installing takes minutes on a busy machine.
 SYSTEMD_GUEST = GuestConfig(boot_timeout=900.0)
-# One guest's boot and all its tests; a normal run here takes 7-12 minutes per guest.
+# One guest's boot and all its tests: 4-10 minutes here (docs/testing.md), 3x under load.
 LIFETIME = 1800.0
 HINTS_CHARDEV_ID = "gahints"
 
