@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from testbed.systemd_vm import SystemdGuest
+from testbed.vm import VMError
 from testbed.watchdog import GuestWatchdog, stuck_seconds
 
 LOCKUP = (b"[  125.509373] watchdog: BUG: soft lockup - CPU#0 stuck for %ds! "
@@ -75,3 +77,19 @@ def test_stopped_watchdog_leaves_the_guest_alone(proc: subprocess.Popen,
     dog.stop()
     time.sleep(0.5)
     assert proc.poll() is None and dog.reason is None
+
+
+def test_every_command_on_a_killed_guest_fails_with_the_reason(proc: subprocess.Popen,
+                                                               tmp_path: Path) -> None:
+    vm = SystemdGuest(None, None, tmp_path)  # type: ignore[arg-type]  # never booted
+    vm.serial_log.write_bytes(LOCKUP % 130)
+    vm.watchdog = GuestWatchdog(proc, vm.serial_log, lifetime=600, poll=0.05).start()
+    try:
+        assert wait_exit(proc) is not None
+        for _ in range(2):  # at once, each time: no command waits for a reply
+            with pytest.raises(VMError, match="harness watchdog: the guest kernel reports a "
+                               "vCPU stuck for 130 s") as err:
+                vm.run(["true"], timeout=600)
+            assert "soft lockup - CPU#0 stuck for 130s" in str(err.value)  # the console tail
+    finally:
+        vm.watchdog.stop()
