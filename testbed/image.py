@@ -79,8 +79,9 @@ CLOUD_CFG = """\
 datasource_list: [NoCloud, None]
 # minbase generates no locale; C.UTF-8 is built into libc.
 locale: C.UTF-8
-# No sshd in the image: no host keys to generate.
-ssh_genkeytypes: []
+# No sshd in the image: no host keys to generate. Keys given (none) are not generated;
+# an empty ssh_genkeytypes would say the same but fails cloud-init's schema (minItems 1).
+ssh_keys: {}
 """
 # Files written into the tree (path -> text), and symlinks (path -> target).
 FILES = {

@@ -10,6 +10,9 @@ command-server port); the command server is the image's baked-in
 thrown away when QEMU exits.
 
 The serial console goes to ``workdir/serial.log`` (``console_tail`` shows it).
+A watchdog (testbed/watchdog.py) kills QEMU when the guest outlives ``lifetime``
+or its kernel reports a vCPU stuck for minutes; every later command then fails at
+once with the reason and the console tail.
 """
 
 from __future__ import annotations
@@ -17,16 +20,20 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from guestagent.errors import GuestagentError
 from testbed.image import GuestImage, Kernel
-from testbed.vm import HINTS_PORT, GuestConfig, GuestVM, VMError, use_kvm
+from testbed.vm import HINTS_PORT, CommandResult, GuestConfig, GuestVM, VMError, use_kvm
+from testbed.watchdog import GuestWatchdog
 
 HINTS_DEVICE_ID = "gahintsport"
 # A TCG boot with cloud-init installing takes minutes on a busy machine.
 SYSTEMD_GUEST = GuestConfig(boot_timeout=900.0)
+# One guest's boot and all its tests: 4-10 minutes here (docs/testing.md), 3x under load.
+LIFETIME = 1800.0
 HINTS_CHARDEV_ID = "gahints"
 
 
@@ -49,13 +56,26 @@ def missing_components() -> list[str]:
         "qemu-system-x86_64 (Debian package qemu-system-x86)"]
 
 
+def accel() -> str:
+    """KVM where it works; otherwise TCG with one host thread for all vCPUs.
+
+    Multi-threaded TCG live-locked the stock guest's vCPUs in kernel text patching
+    (``text_poke_bp``'s int3 dance as the agent toggles its syscall tracepoints); with
+    one TCG thread the vCPUs take turns, so no vCPU runs while another patches code.
+    """
+    return "kvm" if use_kvm() else "tcg,thread=single"
+
+
 class SystemdGuest(GuestVM):
     """A running systemd guest; use as a context manager."""
 
     def __init__(self, image: GuestImage, kernel: Kernel, workdir: os.PathLike,
                  config: GuestConfig = SYSTEMD_GUEST,
-                 disks: tuple[Disk, ...] = (), cmdline: str = "") -> None:
+                 disks: tuple[Disk, ...] = (), cmdline: str = "",
+                 lifetime: float = LIFETIME) -> None:
         super().__init__(workdir, config)
+        self.lifetime = lifetime
+        self.watchdog: GuestWatchdog | None = None
         self.image = image
         self.kernel = kernel
         self.disks = disks
@@ -71,7 +91,7 @@ class SystemdGuest(GuestVM):
                    "systemd.show_status=1 " + self.cmdline).strip()
         cmd = ["qemu-system-x86_64", "-nodefaults", "-display", "none", "-no-reboot",
                "-machine", "pc", "-smp", str(self.config.cpus), "-m", self.config.memory,
-               "-accel", "kvm" if use_kvm() else "tcg",
+               "-accel", accel(),
                "-kernel", str(self.kernel.vmlinuz), "-initrd", str(self.kernel.initrd),
                "-append", cmdline,
                "-serial", f"file:{self.serial_log}",
@@ -91,9 +111,22 @@ class SystemdGuest(GuestVM):
         assert self._proc is not None
         return self._proc.pid  # QEMU itself, no launcher in between
 
+    def _started(self) -> None:
+        assert self._proc is not None
+        self.watchdog = GuestWatchdog(self._proc, self.serial_log, self.lifetime).start()
+
+    def _check_watchdog(self) -> None:
+        if self.watchdog is not None and self.watchdog.reason is not None:
+            raise VMError(f"guest killed by the harness watchdog: {self.watchdog.reason}"
+                          f"{self.console_tail()}")
+
     def boot(self) -> None:
         started = time.monotonic()
-        super().boot()
+        try:
+            super().boot()
+        except VMError:
+            self._check_watchdog()
+            raise
         # The command server starts early in multi-user.target; the rest of boot,
         # cloud-init's final stage included, is done when this returns.
         left = max(30.0, self.config.boot_timeout - (time.monotonic() - started))
@@ -101,6 +134,15 @@ class SystemdGuest(GuestVM):
         if state.stdout.strip() not in ("running", "degraded"):
             raise VMError(f"boot did not finish: {state.stdout.strip()}{self.console_tail()}")
         self.boot_seconds = time.monotonic() - started
+
+    def run(self, argv: Sequence[str], timeout: float = 60.0,
+            input: str | None = None) -> CommandResult:
+        self._check_watchdog()
+        try:
+            return super().run(argv, timeout, input)
+        except VMError:
+            self._check_watchdog()  # the watchdog's reason, not "no reply"
+            raise
 
     def close(self) -> None:
         # The command server's `exit` would only restart the service: stop QEMU instead.
@@ -111,6 +153,8 @@ class SystemdGuest(GuestVM):
             pass  # QEMU may exit before it replies
         finally:  # QEMU is killed and its files removed whatever happened above
             self._ready = False
+            if self.watchdog is not None:
+                self.watchdog.stop()
             super().close()
 
     # -- acting in the guest

@@ -351,6 +351,7 @@ class GuestVM:
             )
         finally:
             log.close()
+        self._started()
         deadline = time.monotonic() + self.config.boot_timeout
         self._wait_for_socket(self.ctl_sock, deadline)
         self._ctl = GuestControl(self.ctl_sock)
@@ -361,6 +362,9 @@ class GuestVM:
         except VMError as err:
             raise VMError(f"{err}{self.console_tail()}") from None
         self._ready = True
+
+    def _started(self) -> None:
+        """Called once the process is started, before the boot is waited for."""
 
     def _wait_for_socket(self, path: str, deadline: float) -> None:
         while not os.path.exists(path):

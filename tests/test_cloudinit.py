@@ -48,6 +48,18 @@ def test_shipped_file_is_valid_cloud_config(name):
 
 
 @needs_cloud_init
+def test_image_tests_system_config_is_valid_cloud_config(tmp_path):
+    """The guest image's own cloud.cfg.d file (testbed/image.py): cloud-init merges it with
+    the user-data and warns "Invalid cloud-config provided" at boot if it is not valid."""
+    from testbed.image import CLOUD_CFG
+
+    path = tmp_path / "90-guestagent-testbed.cfg"
+    path.write_text("#cloud-config\n" + CLOUD_CFG)
+    proc = schema_check(path)
+    assert proc.returncode == 0 and "Valid cloud-config" in proc.stdout, proc.stderr
+
+
+@needs_cloud_init
 def test_schema_check_rejects_a_wrong_type(tmp_path):
     # The validator really validates: package_update must be a boolean.
     bad = tmp_path / "bad.yaml"

@@ -34,16 +34,9 @@ from testbed.systemd_vm import Disk, SystemdGuest, missing_components
 REPO_ROOT = Path(__file__).resolve().parents[2]
 KINDS = ("stock", "rt")
 SERIAL = os.environ.get("GUESTAGENT_IMAGE_SERIAL") == "1"
-OPT_IN = "GUESTAGENT_IMAGE_TESTS"
 
 
 def require_tools() -> None:
-    # Opt-in until the TCG live-lock in docs/testing.md is understood: in one full run of
-    # three the stock guest's vCPUs spun for minutes in kernel text patching, and a suite
-    # that can hang that way would hold up every other test in CI.
-    if os.environ.get(OPT_IN) != "1":
-        pytest.skip(f"guest image tests are opt-in: set {OPT_IN}=1 (a TCG live-lock in kernel "
-                    "text patching hung 1 of 3 full runs; see docs/testing.md)")
     missing = img.missing_tools() + missing_components()
     if missing:
         pytest.skip("guest image tests need " + "; ".join(missing))

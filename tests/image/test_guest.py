@@ -180,6 +180,14 @@ def test_udev_started_the_installed_unit_at_boot(guest):
     assert first_start < final, journal[min(first_start, final):][:40]
 
 
+def test_cloud_init_found_no_schema_errors(guest):
+    """cloud-init checks the config it merged (its own files, the image's and the seed's)
+    and only logs a warning: an error here is a key it ignored. `schema --system` checks
+    the seed's user-data alone; tests/test_cloudinit.py checks the image's file."""
+    warned = guest.sh("grep -h 'Invalid cloud-config' /var/log/cloud-init.log || true")
+    assert not warned, warned + guest.sh("cloud-init schema --system --annotate 2>&1 || true")
+
+
 def rule_wants(vm: SystemdGuest, device: str) -> bool:
     """udev ran the package's rule for the device: its properties name the unit."""
     props = vm.sh(f"udevadm info --query=property '{device}'")
