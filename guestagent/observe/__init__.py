@@ -112,6 +112,7 @@ class Observer:
         self._lowprio_ticks: dict[int, int] = {}  # tid -> cpu ticks at the last full snapshot
         self._own_tgid = os.getpid()  # our own run time is not the vCPUs' workload
         self._last_full: Snapshot | None = None
+        self._irqs_now: tuple[IrqInfo, ...] = ()  # the IRQ table of the latest snapshot
         self._cost = 0.0  # smoothed CPU time of one snapshot, s
         self._last_cost = 0.0  # CPU time of the newest snapshot, s
         self._changed = False  # a change is waiting for its snapshot (held back by the bucket)
@@ -191,12 +192,14 @@ class Observer:
             return None
         if self._targets and self._threads.fileno() is not None:
             self._threads.handle_readable()  # a thread born just now must be known first
-        threads, changed = self._threads.refresh(self._targets)
+        refreshed = self._threads.refresh(self._targets)
         self._targets.clear()
-        if not changed:
+        if refreshed is None:
             return None
-        return Snapshot(now, threads, len(self._threads), with_irq_threads(last.irqs, threads),
-                        last.cpus, ())
+        threads, kthreads = refreshed
+        if kthreads:  # else every IRQ's threads are those of the latest snapshot
+            self._irqs_now = with_irq_threads(last.irqs, threads)
+        return Snapshot(now, threads, len(self._threads), self._irqs_now, last.cpus, ())
 
     def _follow_cpus(self, online: frozenset[int]) -> list[str]:
         """Open the scheduler watch, or reopen it for a new set of online CPUs."""
@@ -286,6 +289,7 @@ class Observer:
             assert last is not None
             irqs, cpus, notes = with_irq_threads(last.irqs, threads), last.cpus, thread_notes
         snap = Snapshot(now, threads, len(self._threads), irqs, cpus, notes)
+        self._irqs_now = irqs
         if full:
             self._last_full = snap
         self._changed = False  # this snapshot shows them
