@@ -117,6 +117,7 @@ class Observer:
         self._last_cost = 0.0  # CPU time of the newest snapshot, s
         self._changed = False  # a change is waiting for its snapshot (held back by the bucket)
         self._targets: set[int] = set()  # threads whose scheduling was just set
+        self._owners: dict[int, int] = {}  # tid -> tgid of targets that set their own
         self._change_credit = 0.0  # CPU seconds change-triggered snapshots may still spend
         self._credit_at: float | None = None
         self._events_gate: float | None = None  # connector not polled until then (batching)
@@ -178,9 +179,11 @@ class Observer:
         elif self._sched_watch is not None and fd in self._sched_watch.fds():
             changes = self._sched_watch.read()
             self._targets |= changes.tids
+            self._owners.update(changes.owners)
             if changes.everything or len(self._targets) > MAX_TARGETS:
                 self._changed = True
                 self._targets.clear()
+                self._owners.clear()
 
     def refresh(self, now: float) -> Snapshot | None:
         """A snapshot with just the threads whose scheduling was set (or young threads
@@ -190,10 +193,12 @@ class Observer:
         last = self._last_full
         if last is None or not (self._targets or self._threads.has_news()):
             return None
-        if self._targets and self._threads.fileno() is not None:
+        if self._targets and self._threads.fileno() is not None and \
+                not self._threads.adopt(self._targets, self._owners):
             self._threads.handle_readable()  # a thread born just now must be known first
         refreshed = self._threads.refresh(self._targets)
         self._targets.clear()
+        self._owners.clear()
         if refreshed is None:
             return None
         threads, kthreads = refreshed

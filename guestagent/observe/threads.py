@@ -35,7 +35,7 @@ from __future__ import annotations
 import errno
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from itertools import compress
 from typing import Callable
@@ -204,6 +204,24 @@ class ThreadTable:
             self._needs_rescan = True
         self.apply(events)
         return len(events) + lost
+
+    def adopt(self, tids: Iterable[int], owners: Mapping[int, int]) -> bool:
+        """Take threads that just set their own scheduling (``owners``: tid -> tgid, from
+        the syscall) into the table ahead of their fork events, which wait in the
+        batch; True when every one of ``tids`` is then known with that process. False
+        means the queued events must be read first: a thread named by another, or a
+        tid whose known process differs (it was reused; the old exit is queued)."""
+        known = self._known
+        for tid in tids:
+            tgid = owners.get(tid)
+            entry = known.get(tid)
+            if tgid is None or (entry is not None and entry.tgid != tgid):
+                return False
+            if entry is None:  # its fork event, read later, replaces this entry
+                known[tid] = _Known(tgid, None)
+                self._pending.add(tid)
+                self._nice_unread.add(tid)
+        return True
 
     # -- exits that matter ----------------------------------------------------
 
