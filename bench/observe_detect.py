@@ -20,7 +20,9 @@ the steady share, divided by the trials, counted two ways: "all" takes every
 CPU second as it comes; "beside the periodic sweeps" leaves out the sweeps
 that the budget schedules anyway (in both periods: their cadence follows their
 smoothed cost, so the two periods may hold different numbers of them), and
-keeps the sweeps that a trial triggered (the young sweeps).
+keeps the sweeps that a trial triggered (the young sweeps). The naive way,
+beside it from the same run: a sweep (snapshot(full=False)) for every new RT
+thread, timed --naive times after the trials.
 Targets: p99 <= 50 ms with 1,000 threads, <= 10 ms with 10,000; agent CPU at
 most 0.5 % of one CPU at steady state, at most 0.5 ms of CPU per new RT thread.
 Run as root: python3 bench/observe_detect.py [--threads 1000,10000] [--trials 200]
@@ -84,6 +86,7 @@ class Run:
     quiet_sweep_cpu: float = 0.0  # CPU share of its periodic sweeps
     quiet_sweeps: int = 0
     cpu: float = 0.0  # CPU time of the observing loop during the trials
+    naive: list[float] = field(default_factory=list)  # CPU time of sweeps, the naive way
     wall: float = 0.0
     interval: float = 0.0
     mode: str = ""
@@ -146,7 +149,8 @@ class AgentLoop:
                 self.first_seen[t.tid] = end
 
 
-def measure(trials: int, budget: float, floor: float, max_pause: float, quiet: float) -> Run:
+def measure(trials: int, budget: float, floor: float, max_pause: float, quiet: float,
+            naive: int) -> Run:
     cmd_r, cmd_w = os.pipe()
     out_r, out_w = os.pipe()
     pid = os.fork()
@@ -192,6 +196,10 @@ def measure(trials: int, budget: float, floor: float, max_pause: float, quiet: f
             run.wall = time.monotonic() - wall0
             run.cpu = time.thread_time() - cpu0
             run.interval = loop.interval
+            for _ in range(naive):  # the naive way: one sweep per new RT thread
+                c0 = time.thread_time()
+                obs.snapshot(time.monotonic(), full=False)
+                run.naive.append(time.thread_time() - c0)
     finally:  # the helper (which holds our thread holders' pipes too) ends
         os.close(cmd_w)
         os.waitpid(pid, 0)
@@ -211,6 +219,8 @@ def main() -> int:
                     help="seconds of the loop alone, for the steady CPU figure")
     ap.add_argument("--max-pause-ms", type=float, default=300.0,
                     help="trials start after a random pause up to this long")
+    ap.add_argument("--naive", type=int, default=20,
+                    help="sweeps timed after the trials, for the naive way's figure")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("needs root (SCHED_FIFO, proc connector, raising pid_max)")
@@ -220,8 +230,9 @@ def main() -> int:
         for total in sizes:
             with live_threads(total):
                 live = count_threads()
+                load = os.getloadavg()[0]
                 run = measure(args.trials, args.budget / 100, args.floor_ms / 1000,
-                              args.max_pause_ms / 1000, args.quiet_s)
+                              args.max_pause_ms / 1000, args.quiet_s, max(1, args.naive))
             ms = [x * 1e3 for x in run.latencies]
             target = TARGETS_MS.get(total)
             p99 = percentile(ms, 99)
@@ -233,7 +244,8 @@ def main() -> int:
             per_rt = max(0.0, (run.cpu - periodic)
                          - (steady - run.quiet_sweep_cpu) * run.wall) / max(1, len(ms)) * 1e3
             print(f"\n== {total} extra threads ({live} live), budget {args.budget:g} % of a CPU, "
-                  f"thread tracking: {run.mode} ==")
+                  f"thread tracking: {run.mode}, load average {load:.2f} -> "
+                  f"{os.getloadavg()[0]:.2f} ==")
             print(f"detection over {len(ms)} trials: p50 {percentile(ms, 50):.1f} ms, "
                   f"p99 {p99:.1f} ms, max {max(ms):.1f} ms{verdict}")
             print(f"observer CPU: steady {steady:.2%} of one CPU "
@@ -245,6 +257,9 @@ def main() -> int:
                   f"the periodic sweeps ({per_rt_all:.2f} ms with them) "
                   f"(target <= {TARGET_PER_THREAD_MS} ms) "
                   f"{'OK' if per_rt <= TARGET_PER_THREAD_MS else 'MISSED'}")
+            naive_ms = statistics.median(run.naive) * 1e3
+            print(f"naive way, a sweep per new RT thread: {naive_ms:.2f} ms median of "
+                  f"{len(run.naive)}; this path {naive_ms / max(per_rt, 1e-3):.1f}x cheaper")
             median = f"{statistics.median(run.costs) * 1e3:.2f} ms" if run.costs else "-"
             print(f"{run.sweeps} sweeps ({run.full_sweeps} full), sweep interval "
                   f"{run.interval * 1e3:.0f} ms, sweep CPU median {median}")
