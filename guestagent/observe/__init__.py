@@ -30,10 +30,12 @@ Batched process events: other work's forks and exits would wake the agent a few
 dozen times a second for nothing. When scheduler-change wake-ups work and every
 thread whose exit matters has a pidfd of its own (``threads.py``), a read of
 the connector closes it for ``EVENT_BATCH``: what queues meanwhile is read when
-the batch ends (``deadline()``), or at once when a watched thread exits, a
-scheduler change names a thread, or a sweep is due. What waits for the batch is
-what the connector alone reports: a thread born real-time from a real-time
-parent, and a new name or image for config rules.
+the batch ends (``deadline()``), or at once when a scheduler change names a
+thread the table cannot place (``ThreadTable.adopt``: a thread that set its own
+scheduling is placed in the process the change names), or a sweep is due. A
+watched thread's exit needs no read: its pidfd names it. What waits for the
+batch is what the connector alone reports: a thread born real-time from a
+real-time parent, and a new name or image for config rules.
 """
 
 from __future__ import annotations
