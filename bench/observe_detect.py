@@ -228,9 +228,9 @@ def main() -> int:
     sizes = [int(x) for x in args.threads.split(",")]
     with raised_limits(max(sizes)):
         for total in sizes:
+            load = os.getloadavg()[0]  # before our own threads start (they count in it)
             with live_threads(total):
                 live = count_threads()
-                load = os.getloadavg()[0]
                 run = measure(args.trials, args.budget / 100, args.floor_ms / 1000,
                               args.max_pause_ms / 1000, args.quiet_s, max(1, args.naive))
             ms = [x * 1e3 for x in run.latencies]
@@ -244,8 +244,7 @@ def main() -> int:
             per_rt = max(0.0, (run.cpu - periodic)
                          - (steady - run.quiet_sweep_cpu) * run.wall) / max(1, len(ms)) * 1e3
             print(f"\n== {total} extra threads ({live} live), budget {args.budget:g} % of a CPU, "
-                  f"thread tracking: {run.mode}, load average {load:.2f} -> "
-                  f"{os.getloadavg()[0]:.2f} ==")
+                  f"thread tracking: {run.mode}, load average {load:.2f} before ==")
             print(f"detection over {len(ms)} trials: p50 {percentile(ms, 50):.1f} ms, "
                   f"p99 {p99:.1f} ms, max {max(ms):.1f} ms{verdict}")
             print(f"observer CPU: steady {steady:.2%} of one CPU "
