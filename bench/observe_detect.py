@@ -101,6 +101,8 @@ class Run:
     quiet_cpu: float = 0.0  # CPU share of the loop with no trials running
     quiet_sweep_cpu: float = 0.0  # CPU share of its periodic sweeps
     quiet_sweeps: int = 0
+    quiet_wakeups: float = 0.0  # turns of the loop per second with no trials running
+    wakeups: int = 0  # turns of the loop (each a return from select)
     cpu: float = 0.0  # CPU time of the observing loop during the trials
     naive: list[float] = field(default_factory=list)  # CPU time of sweeps, the naive way
     wall: float = 0.0
@@ -124,6 +126,7 @@ class AgentLoop:
     def step(self, until: float | None) -> bool:
         """One turn: wait for an fd or a deadline (or ``until``); True if extra_fd is readable."""
         obs, run = self.obs, self.run
+        run.wakeups += 1
         now = time.monotonic()
         due = [d for d in (self.next_sweep, obs.deadline(), until) if d is not None]
         extra = False
@@ -189,6 +192,7 @@ def measure(trials: int, budget: float, floor: float, max_pause: float, quiet: f
             run.quiet_cpu = (time.thread_time() - cpu0) / quiet_wall
             run.quiet_sweep_cpu = (sum(run.costs) - run.young_cpu) / quiet_wall
             run.quiet_sweeps, run.sweeps, run.young_sweeps, run.full_sweeps = run.sweeps, 0, 0, 0
+            run.quiet_wakeups, run.wakeups = run.wakeups / quiet_wall, 0
             run.young_cpu, run.costs = 0.0, []
             buf = b""
             seen_one, stop = threading.Event(), threading.Event()
@@ -274,6 +278,9 @@ def main() -> int:
                   f"the periodic sweeps ({per_rt_all:.2f} ms with them) "
                   f"(target <= {TARGET_PER_THREAD_MS} ms) "
                   f"{'OK' if per_rt <= TARGET_PER_THREAD_MS else 'MISSED'}")
+            extra = (run.wakeups - run.quiet_wakeups * run.wall) / max(1, len(ms))
+            print(f"loop wake-ups: {extra:.1f} per new RT thread beyond the steady "
+                  f"{run.quiet_wakeups:.1f}/s")
             naive_ms = statistics.median(run.naive) * 1e3
             print(f"naive way, a sweep per new RT thread: {naive_ms:.2f} ms median of "
                   f"{len(run.naive)}; this path {naive_ms / max(per_rt, 1e-3):.1f}x cheaper")
