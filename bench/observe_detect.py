@@ -23,7 +23,9 @@ that the budget schedules anyway (in both periods: their cadence follows their
 smoothed cost, so the two periods may hold different numbers of them), and
 keeps the sweeps that a trial triggered (the young sweeps). The naive way,
 beside it from the same run: a sweep (snapshot(full=False)) for every new RT
-thread, timed --naive times after the trials.
+thread, timed --naive times after the trials. The loop's wake-ups per new RT
+thread beyond the steady rate are printed too: each costs CPU (select, the
+switch back, a cold interpreter) before the observer does any work.
 Targets: p99 <= 50 ms with 1,000 threads, <= 10 ms with 10,000; agent CPU at
 most 0.5 % of one CPU at steady state, at most 0.5 ms of CPU per new RT thread.
 Run as root: python3 bench/observe_detect.py [--threads 1000,10000] [--trials 200]
