@@ -9,7 +9,8 @@ calls check_changes() at the observer's deadline(), sweeping at once when it
 says so, and otherwise refresh(), which re-reads only the threads named by
 wake-ups and the young threads found real-time.
 A helper process starts one thread per trial, after a random pause (so trials
-fall at every phase of the sweep timer); the thread takes CLOCK_MONOTONIC
+fall at every phase of the sweep timer; a thread of this process keeps that
+time, so that the observing loop does not wake for it); the thread takes CLOCK_MONOTONIC
 (shared by all processes) and then calls sched_setscheduler(FIFO). The latency
 is from that clock reading to the end of the first snapshot that lists the
 thread as FIFO. The CPU figures are the CPU time of the whole observing loop
@@ -20,7 +21,11 @@ the steady share, divided by the trials, counted two ways: "all" takes every
 CPU second as it comes; "beside the periodic sweeps" leaves out the sweeps
 that the budget schedules anyway (in both periods: their cadence follows their
 smoothed cost, so the two periods may hold different numbers of them), and
-keeps the sweeps that a trial triggered (the young sweeps).
+keeps the sweeps that a trial triggered (the young sweeps). The naive way,
+beside it from the same run: a sweep (snapshot(full=False)) for every new RT
+thread, timed --naive times after the trials. The loop's wake-ups per new RT
+thread beyond the steady rate are printed too: each costs CPU (select, the
+switch back, a cold interpreter) before the observer does any work.
 Targets: p99 <= 50 ms with 1,000 threads, <= 10 ms with 10,000; agent CPU at
 most 0.5 % of one CPU at steady state, at most 0.5 ms of CPU per new RT thread.
 Run as root: python3 bench/observe_detect.py [--threads 1000,10000] [--trials 200]
@@ -71,6 +76,21 @@ def trigger_process(cmd_r: int, out_w: int) -> None:
     os._exit(0)
 
 
+def pace(cmd_w: int, trials: int, max_pause: float, seen_one: threading.Event,
+         stop: threading.Event) -> None:
+    """A thread of its own: each trial starts a random pause after the previous one
+    was seen, so the observing loop (whose CPU time is counted) wakes only for what
+    an agent would, not for the benchmark's timer."""
+    for _ in range(trials):
+        if stop.wait(random.uniform(0, max_pause)):
+            return
+        os.write(cmd_w, b"g")
+        while not seen_one.wait(1.0):
+            if stop.is_set():
+                return
+        seen_one.clear()
+
+
 @dataclass
 class Run:
     latencies: list[float] = field(default_factory=list)
@@ -83,7 +103,10 @@ class Run:
     quiet_cpu: float = 0.0  # CPU share of the loop with no trials running
     quiet_sweep_cpu: float = 0.0  # CPU share of its periodic sweeps
     quiet_sweeps: int = 0
+    quiet_wakeups: float = 0.0  # turns of the loop per second with no trials running
+    wakeups: int = 0  # turns of the loop (each a return from select)
     cpu: float = 0.0  # CPU time of the observing loop during the trials
+    naive: list[float] = field(default_factory=list)  # CPU time of sweeps, the naive way
     wall: float = 0.0
     interval: float = 0.0
     mode: str = ""
@@ -105,6 +128,7 @@ class AgentLoop:
     def step(self, until: float | None) -> bool:
         """One turn: wait for an fd or a deadline (or ``until``); True if extra_fd is readable."""
         obs, run = self.obs, self.run
+        run.wakeups += 1
         now = time.monotonic()
         due = [d for d in (self.next_sweep, obs.deadline(), until) if d is not None]
         extra = False
@@ -146,7 +170,8 @@ class AgentLoop:
                 self.first_seen[t.tid] = end
 
 
-def measure(trials: int, budget: float, floor: float, max_pause: float, quiet: float) -> Run:
+def measure(trials: int, budget: float, floor: float, max_pause: float, quiet: float,
+            naive: int) -> Run:
     cmd_r, cmd_w = os.pipe()
     out_r, out_w = os.pipe()
     pid = os.fork()
@@ -169,18 +194,18 @@ def measure(trials: int, budget: float, floor: float, max_pause: float, quiet: f
             run.quiet_cpu = (time.thread_time() - cpu0) / quiet_wall
             run.quiet_sweep_cpu = (sum(run.costs) - run.young_cpu) / quiet_wall
             run.quiet_sweeps, run.sweeps, run.young_sweeps, run.full_sweeps = run.sweeps, 0, 0, 0
+            run.quiet_wakeups, run.wakeups = run.wakeups / quiet_wall, 0
             run.young_cpu, run.costs = 0.0, []
             buf = b""
+            seen_one, stop = threading.Event(), threading.Event()
+            pacer = threading.Thread(target=pace, args=(cmd_w, trials, max_pause, seen_one,
+                                                        stop), daemon=True)
             wall0, cpu0 = time.monotonic(), time.thread_time()
+            pacer.start()
             for _ in range(trials):
-                next_trial = time.monotonic() + random.uniform(0, max_pause)
-                started = False
                 want: tuple[int, float] | None = None
                 while True:
-                    if not started and time.monotonic() >= next_trial:
-                        os.write(cmd_w, b"g")
-                        started = True
-                    if loop.step(None if started else next_trial):
+                    if loop.step(None):
                         buf += os.read(out_r, 4096)
                         while b"\n" in buf:
                             line, buf = buf.split(b"\n", 1)
@@ -188,10 +213,17 @@ def measure(trials: int, budget: float, floor: float, max_pause: float, quiet: f
                             want = (int(tid), float(t0))
                     if want is not None and want[0] in loop.first_seen:
                         run.latencies.append(loop.first_seen[want[0]] - want[1])
+                        seen_one.set()
                         break
             run.wall = time.monotonic() - wall0
             run.cpu = time.thread_time() - cpu0
+            stop.set()
+            pacer.join()
             run.interval = loop.interval
+            for _ in range(naive):  # the naive way: one sweep per new RT thread
+                c0 = time.thread_time()
+                obs.snapshot(time.monotonic(), full=False)
+                run.naive.append(time.thread_time() - c0)
     finally:  # the helper (which holds our thread holders' pipes too) ends
         os.close(cmd_w)
         os.waitpid(pid, 0)
@@ -211,6 +243,8 @@ def main() -> int:
                     help="seconds of the loop alone, for the steady CPU figure")
     ap.add_argument("--max-pause-ms", type=float, default=300.0,
                     help="trials start after a random pause up to this long")
+    ap.add_argument("--naive", type=int, default=20,
+                    help="sweeps timed after the trials, for the naive way's figure")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("needs root (SCHED_FIFO, proc connector, raising pid_max)")
@@ -218,10 +252,11 @@ def main() -> int:
     sizes = [int(x) for x in args.threads.split(",")]
     with raised_limits(max(sizes)):
         for total in sizes:
+            load = os.getloadavg()[0]  # before our own threads start (they count in it)
             with live_threads(total):
                 live = count_threads()
                 run = measure(args.trials, args.budget / 100, args.floor_ms / 1000,
-                              args.max_pause_ms / 1000, args.quiet_s)
+                              args.max_pause_ms / 1000, args.quiet_s, max(1, args.naive))
             ms = [x * 1e3 for x in run.latencies]
             target = TARGETS_MS.get(total)
             p99 = percentile(ms, 99)
@@ -233,7 +268,7 @@ def main() -> int:
             per_rt = max(0.0, (run.cpu - periodic)
                          - (steady - run.quiet_sweep_cpu) * run.wall) / max(1, len(ms)) * 1e3
             print(f"\n== {total} extra threads ({live} live), budget {args.budget:g} % of a CPU, "
-                  f"thread tracking: {run.mode} ==")
+                  f"thread tracking: {run.mode}, load average {load:.2f} before ==")
             print(f"detection over {len(ms)} trials: p50 {percentile(ms, 50):.1f} ms, "
                   f"p99 {p99:.1f} ms, max {max(ms):.1f} ms{verdict}")
             print(f"observer CPU: steady {steady:.2%} of one CPU "
@@ -245,6 +280,12 @@ def main() -> int:
                   f"the periodic sweeps ({per_rt_all:.2f} ms with them) "
                   f"(target <= {TARGET_PER_THREAD_MS} ms) "
                   f"{'OK' if per_rt <= TARGET_PER_THREAD_MS else 'MISSED'}")
+            extra = (run.wakeups - run.quiet_wakeups * run.wall) / max(1, len(ms))
+            print(f"loop wake-ups: {extra:.1f} per new RT thread beyond the steady "
+                  f"{run.quiet_wakeups:.1f}/s")
+            naive_ms = statistics.median(run.naive) * 1e3
+            print(f"naive way, a sweep per new RT thread: {naive_ms:.2f} ms median of "
+                  f"{len(run.naive)}; this path {naive_ms / max(per_rt, 1e-3):.1f}x cheaper")
             median = f"{statistics.median(run.costs) * 1e3:.2f} ms" if run.costs else "-"
             print(f"{run.sweeps} sweeps ({run.full_sweeps} full), sweep interval "
                   f"{run.interval * 1e3:.0f} ms, sweep CPU median {median}")

@@ -94,3 +94,4 @@ def test_detect_prints_latency_and_cpu_per_rt_thread_beside_targets():
     assert number(r"CPU per new RT thread: ([\d.]+) ms beyond the steady share, beside the "
                   r"periodic sweeps", out) >= 0
     assert "(target <= 0.5 ms)" in out and "(target <= 0.5%)" in out
+    assert number(r"naive way, a sweep per new RT thread: ([\d.]+) ms median", out) > 0

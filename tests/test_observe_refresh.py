@@ -12,7 +12,9 @@ import pytest
 from helpers.threads import Sleeper, sched_thread
 
 from guestagent.observe import EVENT_BATCH, Observer
+from guestagent.observe.events import ProcEvent
 from guestagent.observe.kernel import LiveKernel
+from guestagent.observe.threads import ThreadTable
 
 pytestmark = pytest.mark.root
 
@@ -137,6 +139,35 @@ def test_the_exit_of_a_real_time_thread_is_seen_while_events_are_batched(observe
             observer.handle_readable(fd)
         snap = observer.refresh(time.monotonic())
     assert snap is not None and find(snap, rt.tid) is None
+
+
+def test_a_newborn_that_sets_its_own_policy_is_shown_while_its_fork_event_waits(observer):
+    with sched_thread(os.SCHED_FIFO, 9):
+        pump(observer, 0.2)
+        observer.snapshot(time.monotonic(), full=False)
+        assert observer.batching
+        Sleeper().end()  # a birth and a death: reading them closes the connector
+        observer.handle_readable(observer.events_fd)
+        assert observer.events_fd not in observer.fds(), "the batch is open"
+        with sched_thread(os.SCHED_FIFO, 8) as newborn:
+            snap = pump(observer, 10.0)
+            while snap is not None and find(snap, newborn.tid) is None:
+                snap = pump(observer, 10.0)  # other work's changes first, if any
+            assert snap is not None and find(snap, newborn.tid).rt_priority == 8
+
+
+def test_only_a_thread_that_named_its_own_process_is_adopted():
+    table = ThreadTable(LiveKernel(), watch=False)
+    try:
+        table.apply([ProcEvent("fork", 500, 500, parent_tid=1)])
+        assert table.adopt({500}, {500: 500}), "known, same process"
+        assert table.adopt({600}, {600: 42}), "unknown: placed in the process named"
+        assert len(table) == 2
+        assert not table.adopt({500}, {500: 77}), "a reused tid: its old exit is queued"
+        assert not table.adopt({700}, {}), "named by another thread: its process is unknown"
+        assert len(table) == 2
+    finally:
+        table.close()
 
 
 class KernelWithoutThreadPidfds(LiveKernel):

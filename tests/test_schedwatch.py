@@ -58,6 +58,7 @@ def test_a_thread_changing_itself_is_named(watch, action):
     tid, latency, changes = changes_after(watch, action)
     assert latency is not None and latency < 1.0, "no wake-up"
     assert tid in changes.tids and not changes.everything
+    assert changes.owners.get(tid) == os.getpid(), "the caller's process is the owner"
 
 
 def test_the_target_is_named_not_the_caller(watch):
@@ -66,6 +67,7 @@ def test_the_target_is_named_not_the_caller(watch):
         caller, _, changes = changes_after(
             watch, lambda: os.sched_setscheduler(target.tid, os.SCHED_RR, os.sched_param(2)))
         assert target.tid in changes.tids and caller not in changes.tids
+        assert target.tid not in changes.owners, "only a thread changing itself is owned"
         _, _, changes = changes_after(
             watch, lambda: os.setpriority(os.PRIO_PROCESS, target.tid, 3))
         assert target.tid in changes.tids

@@ -30,10 +30,12 @@ Batched process events: other work's forks and exits would wake the agent a few
 dozen times a second for nothing. When scheduler-change wake-ups work and every
 thread whose exit matters has a pidfd of its own (``threads.py``), a read of
 the connector closes it for ``EVENT_BATCH``: what queues meanwhile is read when
-the batch ends (``deadline()``), or at once when a watched thread exits, a
-scheduler change names a thread, or a sweep is due. What waits for the batch is
-what the connector alone reports: a thread born real-time from a real-time
-parent, and a new name or image for config rules.
+the batch ends (``deadline()``), or at once when a scheduler change names a
+thread the table cannot place (``ThreadTable.adopt``: a thread that set its own
+scheduling is placed in the process the change names), or a sweep is due. A
+watched thread's exit needs no read: its pidfd names it. What waits for the
+batch is what the connector alone reports: a thread born real-time from a
+real-time parent, and a new name or image for config rules.
 """
 
 from __future__ import annotations
@@ -112,10 +114,12 @@ class Observer:
         self._lowprio_ticks: dict[int, int] = {}  # tid -> cpu ticks at the last full snapshot
         self._own_tgid = os.getpid()  # our own run time is not the vCPUs' workload
         self._last_full: Snapshot | None = None
+        self._irqs_now: tuple[IrqInfo, ...] = ()  # the IRQ table of the latest snapshot
         self._cost = 0.0  # smoothed CPU time of one snapshot, s
         self._last_cost = 0.0  # CPU time of the newest snapshot, s
         self._changed = False  # a change is waiting for its snapshot (held back by the bucket)
         self._targets: set[int] = set()  # threads whose scheduling was just set
+        self._owners: dict[int, int] = {}  # tid -> tgid of targets that set their own
         self._change_credit = 0.0  # CPU seconds change-triggered snapshots may still spend
         self._credit_at: float | None = None
         self._events_gate: float | None = None  # connector not polled until then (batching)
@@ -177,9 +181,11 @@ class Observer:
         elif self._sched_watch is not None and fd in self._sched_watch.fds():
             changes = self._sched_watch.read()
             self._targets |= changes.tids
+            self._owners.update(changes.owners)
             if changes.everything or len(self._targets) > MAX_TARGETS:
                 self._changed = True
                 self._targets.clear()
+                self._owners.clear()
 
     def refresh(self, now: float) -> Snapshot | None:
         """A snapshot with just the threads whose scheduling was set (or young threads
@@ -189,14 +195,18 @@ class Observer:
         last = self._last_full
         if last is None or not (self._targets or self._threads.has_news()):
             return None
-        if self._targets and self._threads.fileno() is not None:
+        if self._targets and self._threads.fileno() is not None and \
+                not self._threads.adopt(self._targets, self._owners):
             self._threads.handle_readable()  # a thread born just now must be known first
-        threads, changed = self._threads.refresh(self._targets)
+        refreshed = self._threads.refresh(self._targets)
         self._targets.clear()
-        if not changed:
+        self._owners.clear()
+        if refreshed is None:
             return None
-        return Snapshot(now, threads, len(self._threads), with_irq_threads(last.irqs, threads),
-                        last.cpus, ())
+        threads, kthreads = refreshed
+        if kthreads:  # else every IRQ's threads are those of the latest snapshot
+            self._irqs_now = with_irq_threads(last.irqs, threads)
+        return Snapshot(now, threads, len(self._threads), self._irqs_now, last.cpus, ())
 
     def _follow_cpus(self, online: frozenset[int]) -> list[str]:
         """Open the scheduler watch, or reopen it for a new set of online CPUs."""
@@ -286,6 +296,7 @@ class Observer:
             assert last is not None
             irqs, cpus, notes = with_irq_threads(last.irqs, threads), last.cpus, thread_notes
         snap = Snapshot(now, threads, len(self._threads), irqs, cpus, notes)
+        self._irqs_now = irqs
         if full:
             self._last_full = snap
         self._changed = False  # this snapshot shows them

@@ -74,6 +74,7 @@ class ProcEventSource:
         except BaseException:
             self._sock.close()
             raise
+        self._buf = bytearray(1 << 16)  # reused: each event is a datagram of its own
         self.malformed = 0
 
     def fileno(self) -> int:
@@ -83,9 +84,10 @@ class ProcEventSource:
         """All queued events, and whether the kernel dropped some (buffer overrun)."""
         events: list[ProcEvent] = []
         lost = False
+        buf, recv_into = self._buf, self._sock.recv_into
         while True:
             try:
-                data = os.read(self._fd, 1 << 16)
+                size = recv_into(buf)
             except BlockingIOError:
                 break
             except OSError as err:
@@ -93,9 +95,9 @@ class ProcEventSource:
                     lost = True
                     continue
                 raise
-            if not data:
+            if not size:
                 break
-            got, bad = parse_proc_events(data)
+            got, bad = parse_proc_events(buf, size)
             events.extend(got)
             self.malformed += bad
         return events, lost

@@ -24,8 +24,8 @@ import mmap
 import os
 import re
 import struct
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 TRACEFS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 # syscall -> the argument naming the target thread (0 means the caller)
@@ -85,6 +85,8 @@ def read_tracepoint(name: str, roots: Iterable[str] = TRACEFS) -> Tracepoint:
 class Changes:
     tids: frozenset[int]  # threads whose scheduling was set
     everything: bool  # some change could not be pinned to threads: sweep them all
+    # tid -> tgid of the threads that set their own scheduling (the caller is known)
+    owners: Mapping[int, int] = field(default_factory=dict)
 
 
 def _int_arg(raw: bytes, offset: int) -> int:
@@ -149,52 +151,57 @@ class SchedWatch:
     def read(self) -> Changes:
         """What changed since the last read, from every CPU's ring; empties them."""
         tids: set[int] = set()
+        owners: dict[int, int] = {}
         everything = False
         for ring in self._rings.values():
-            everything |= self._read_ring(ring, tids)
+            everything |= self._read_ring(ring, tids, owners)
         if tids or everything:
             self.wakeups += 1
-        return Changes(frozenset(tids), everything)
+        return Changes(frozenset(tids), everything, owners)
 
-    def _read_ring(self, ring: mmap.mmap, tids: set[int]) -> bool:
+    def _read_ring(self, ring: mmap.mmap, tids: set[int], owners: dict[int, int]) -> bool:
         head = _U64.unpack_from(ring, _DATA_HEAD)[0]
         tail = _U64.unpack_from(ring, _DATA_TAIL)[0]
+        if head == tail:
+            return False
         # A full ring may have dropped samples; the kernel reports them (a LOST
         # record) only once it has room again, so judge by the fill level now.
         everything = head - tail > self._size - RING_SLACK
-        while tail < head and not everything:
-            record = self._record(ring, tail, head)
-            if record is None:
-                everything = True
-                break
-            kind, body = record
-            tail += _HEADER.size + len(body)
-            if kind == PERF_RECORD_LOST:
-                self.lost += 1
-                everything = True
-            elif kind == PERF_RECORD_SAMPLE:
-                everything |= self._sample(body, tids)
+        if not everything:
+            everything = self._parse(self._copy(ring, tail, head - tail), tids, owners)
         _U64.pack_into(ring, _DATA_TAIL, head)
         return everything
 
-    def _record(self, ring: mmap.mmap, tail: int, head: int) -> tuple[int, bytes] | None:
-        """The record at `tail` (it may wrap around the end of the data area)."""
-        header = self._copy(ring, tail, _HEADER.size)
-        kind, _, size = _HEADER.unpack(header)
-        if size < _HEADER.size or size % 8 or tail + size > head:
-            return None
-        return kind, self._copy(ring, tail + _HEADER.size, size - _HEADER.size)
+    def _parse(self, data: bytes, tids: set[int], owners: dict[int, int]) -> bool:
+        """The records of one ring, copied out in one piece; True: sweep."""
+        pos, end = 0, len(data)
+        while pos < end:
+            if pos + _HEADER.size > end:
+                return True
+            kind, _, size = _HEADER.unpack_from(data, pos)
+            if size < _HEADER.size or size % 8 or pos + size > end:
+                return True
+            if kind == PERF_RECORD_LOST:
+                self.lost += 1
+                return True
+            if kind == PERF_RECORD_SAMPLE and \
+                    self._sample(data[pos + _HEADER.size:pos + size], tids, owners):
+                return True
+            pos += size
+        return False
 
     def _copy(self, ring: mmap.mmap, pos: int, length: int) -> bytes:
+        """``length`` bytes of the data area from ``pos`` (it may wrap around the end)."""
         start = mmap.PAGESIZE + pos % self._size
         first = min(length, mmap.PAGESIZE + self._size - start)
         return ring[start:start + first] + ring[mmap.PAGESIZE:mmap.PAGESIZE + length - first]
 
-    def _sample(self, body: bytes, tids: set[int]) -> bool:
-        """Add a sample's target thread to `tids`; True when it names no single thread."""
+    def _sample(self, body: bytes, tids: set[int], owners: dict[int, int]) -> bool:
+        """Add a sample's target thread to `tids` (and to `owners` with its process when
+        it is the caller); True when it names no single thread."""
         if len(body) < _SAMPLE.size:
             return True
-        _, tid, raw_size = _SAMPLE.unpack_from(body)
+        pid, tid, raw_size = _SAMPLE.unpack_from(body)
         raw = body[_SAMPLE.size:_SAMPLE.size + raw_size]
         if len(raw) < 2:
             return True
@@ -209,6 +216,8 @@ class SchedWatch:
         target = _int_arg(raw, target_at)
         if target < 0:
             return True
+        if target in (0, tid):
+            owners[tid] = pid
         tids.add(target or tid)
         return False
 

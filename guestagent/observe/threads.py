@@ -35,7 +35,7 @@ from __future__ import annotations
 import errno
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from itertools import compress
 from typing import Callable
@@ -167,6 +167,7 @@ class ThreadTable:
         self._phase = 0  # which slice of the threads has its nice asked this sweep
         self.young = YoungThreads()
         self._dropped = False  # a thread that mattered left since the last look
+        self._kthread_dropped = False  # ... and it was a kernel thread
         self._exit_fds: dict[int, int] = {}  # tid -> pidfd, see exit_fds()
         self._exit_tids: dict[int, int] = {}  # pidfd -> tid
         self._exit_watch = watch  # False once the kernel refused a thread pidfd
@@ -204,6 +205,24 @@ class ThreadTable:
         self.apply(events)
         return len(events) + lost
 
+    def adopt(self, tids: Iterable[int], owners: Mapping[int, int]) -> bool:
+        """Take threads that just set their own scheduling (``owners``: tid -> tgid, from
+        the syscall) into the table ahead of their fork events, which wait in the
+        batch; True when every one of ``tids`` is then known with that process. False
+        means the queued events must be read first: a thread named by another, or a
+        tid whose known process differs (it was reused; the old exit is queued)."""
+        known = self._known
+        for tid in tids:
+            tgid = owners.get(tid)
+            entry = known.get(tid)
+            if tgid is None or (entry is not None and entry.tgid != tgid):
+                return False
+            if entry is None:  # its fork event, read later, replaces this entry
+                known[tid] = _Known(tgid, None)
+                self._pending.add(tid)
+                self._nice_unread.add(tid)
+        return True
+
     # -- exits that matter ----------------------------------------------------
 
     def exit_fds(self) -> list[int]:
@@ -214,11 +233,13 @@ class ThreadTable:
         return fd in self._exit_tids
 
     def exit_seen(self, fd: int) -> None:
-        """A watched thread exited (its pidfd is readable): take it out now."""
+        """A watched thread exited (its pidfd is readable): take it out now.
+
+        Other work's events stay queued for the batch: this exit's own event
+        comes with them and finds the thread gone already (a no-op), and a
+        thread that reuses the tid is born after that event, in the same order."""
         tid = self._exit_tids.get(fd)
-        self.handle_readable()  # the kernel queues the exit event before the pidfd wakes
-        if tid is not None and tid in self._exit_fds:  # the event was lost: forget it anyway
-            self._dropped = self._dropped or tid in self._info
+        if tid is not None:
             self._forget(tid)
 
     def _exit_matters(self, tid: int) -> bool:
@@ -282,12 +303,10 @@ class ThreadTable:
                     now = time.monotonic() if now is None else now
                     young.add(ev.tid, now)
             elif ev.kind == "exit":
-                self._dropped = self._dropped or ev.tid in self._info
                 self._forget(ev.tid)
                 if ev.tid == ev.tgid:
                     self._identity.pop(ev.tgid, None)
             elif ev.kind == "exec":
-                self._dropped = self._dropped or ev.tid in self._info
                 self._forget(ev.tid)  # a new image: new identity, new detail
                 known[ev.tid] = _Known(ev.tgid, None)
                 self._identity.pop(ev.tgid, None)
@@ -400,7 +419,10 @@ class ThreadTable:
         self._nice_unread.discard(tid)
         self._niced.pop(tid, None)
         self._raw.pop(tid, None)
-        self._info.pop(tid, None)
+        info = self._info.pop(tid, None)
+        if info is not None:
+            self._dropped = True
+            self._kthread_dropped = self._kthread_dropped or info.is_kthread
         self._stat.drop(tid)
         self._unwatch_exit(tid)
 
@@ -455,26 +477,36 @@ class ThreadTable:
         if full:
             self._stat.keep_only(self._info)
         self._watch_exits()
-        self._dropped = False  # this sweep shows it
-        return tuple(self._info[t] for t in sorted(self._info)), self._take_notes()
+        self._dropped = self._kthread_dropped = False  # this sweep shows it
+        return self._matter(), self._take_notes()
 
-    def refresh(self, tids: Iterable[int]) -> tuple[tuple[ThreadInfo, ...], bool]:
+    def _matter(self) -> tuple[ThreadInfo, ...]:
+        return tuple(map(self._info.__getitem__, sorted(self._info)))
+
+    def refresh(self, tids: Iterable[int]) -> tuple[tuple[ThreadInfo, ...], bool] | None:
         """Re-read just these threads (their scheduling was just set).
 
-        Returns the threads that matter, as ``sweep`` does, and whether any of
-        the given threads changed or a thread that mattered left (its exit
-        event). Threads not in the table yet are left to the young re-checks
+        None when none of them changed and no thread that mattered left (its
+        exit); else the threads that matter, as ``sweep`` returns them, and
+        whether a kernel thread was among the changes (only those can be IRQ
+        threads). Threads not in the table yet are left to the young re-checks
         and the next sweep.
         """
         unknown_policies: set[int] = set()
-        changed, self._dropped = self._dropped, False
+        changed = kthreads = False
         read = [tid for tid in tids if tid in self._known]
         for tid in read:
             before = self._info.get(tid)
             self._read_detail(tid, unknown_policies, None)
-            changed = changed or self._info.get(tid) != before
+            after = self._info.get(tid)
+            if after != before:
+                changed = True
+                kthreads = kthreads or any(t is not None and t.is_kthread
+                                           for t in (before, after))
         self._watch_exits(read)
-        return tuple(self._info[t] for t in sorted(self._info)), changed
+        changed, kthreads = changed or self._dropped, kthreads or self._kthread_dropped
+        self._dropped = self._kthread_dropped = False
+        return (self._matter(), kthreads) if changed else None
 
     def _verify(self, checks: list[tuple[int, ThreadInfo]], unknown_policies: set[int]) -> None:
         """Keep a detail whose nice and rt priority are unchanged; re-read it otherwise."""

@@ -70,6 +70,8 @@ class YoungThreads:
 
     def deadline(self) -> float | None:
         """When the next check is due (never sooner than the coalescing gap)."""
+        if not self._count:  # the usual case, asked at every turn of the loop
+            return None
         due = [stage[0][0] + age for stage, age in zip(self._stages, self.ages) if stage]
         if not due:
             return None

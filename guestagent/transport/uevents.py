@@ -23,9 +23,10 @@ class UeventMonitor:
             self._monitor.filter_by(subsystem)
         self._monitor.start()
         self.source = source
+        self._fd = self._monitor.fileno()  # a libudev call each time: polled every turn
 
     def fileno(self) -> int:
-        return self._monitor.fileno()
+        return self._fd
 
     def drain(self) -> int:
         """Consume pending events; returns how many."""
