@@ -82,10 +82,12 @@ def test_a_process_group_change_asks_for_a_sweep(watch):
     assert changes.everything
 
 
-def test_unrelated_syscalls_do_not_wake_it(watch):
-    _, latency, changes = changes_after(
+def test_unrelated_syscalls_are_not_recorded(watch):
+    # The watch is system-wide: other work on a shared machine may wake it meanwhile, so
+    # the check is that this thread's reading syscall left no record, not that no wake-up came.
+    tid, _, changes = changes_after(
         watch, lambda: os.getpriority(os.PRIO_PROCESS, 0), timeout=0.3)
-    assert latency is None
+    assert tid not in changes.tids
 
 
 def test_nothing_changed_reads_empty(watch):
