@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections import Counter
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -107,37 +106,13 @@ def test_emulator_does_not_count_against_the_vm_share():
     assert len(granted(arb)) == 3
 
 
-def test_budget_spends_run_time_and_earns_back_the_time_not_running():
+def test_budget_spends_run_time_not_wall_time():
     lim = ArbiterLimits(budget=0.5)
-    b = Budget(0.3, 0.0, run_ns=0, boosted=True)
-    # 600 ms boosted, 400 ms of it running: 400 ms spent, 200 ms earned back.
-    b = account(b, int(0.4 * NS), 0.6, lim)
-    assert abs(b.remaining - 0.1) < 1e-9 and not b.spent
-    assert b.boosted_seconds == 0.6
-    # A mostly-sleeping vCPU earns more than it spends: full, never above the budget.
-    b = account(b, int(0.5 * NS), 1.6, lim)
-    assert b.remaining == 0.5
-
-
-def _rt_share(busy: float, seconds: float = 60.0, step: float = 0.01) -> float:
-    """A thread asking for a boost all along and running `busy` of every moment, boosted
-    or not: the share of the time it ran boosted, by the arbiter's own rounds."""
-    key, lim = ThreadKey("a", 0), ArbiterLimits(per_cpu=1, host=4, per_vm=4, budget=0.5)
-    now, run, rt, budgets, held = 0.0, 0.0, 0.0, {}, frozenset()
-    while now < seconds:
-        arb = arbitrate([req("a", 0)], held, budgets, {key: int(run * NS)}, CPUS, lim, now)
-        held, budgets = frozenset(k for k in arb.verdicts if arb.granted(k)), arb.budgets
-        run += busy * step
-        rt += busy * step if key in held else 0.0
-        now += step
-    return rt / seconds
-
-
-@pytest.mark.parametrize("busy", [0.2, 0.5, 0.55, 0.75, 1.0])
-def test_the_budget_holds_a_thread_to_half_a_cpu_of_rt_and_no_less(busy):
-    # A spinner gets half a CPU at RT, as with pvsched v3's rule; a vCPU thread that runs
-    # about half of the time (TCG) keeps its boost rather than losing a third of it.
-    assert _rt_share(busy) == pytest.approx(min(busy, 0.5), abs=0.02)
+    b = Budget(0.5, 0.0, run_ns=0, boosted=True)
+    # One second boosted, 100 ms of it running: a mostly-sleeping vCPU spends little.
+    b = account(b, int(0.1 * NS), 1.0, lim)
+    assert abs(b.remaining - 0.4) < 1e-9 and not b.spent
+    assert b.boosted_seconds == 1.0
 
 
 def test_budget_runs_out_and_is_earned_back_one_to_one():
@@ -206,14 +181,13 @@ REQUEST = st.builds(req, VMS, st.integers(-1, 5), st.integers(0, 99),
        per_cpu=st.integers(1, 2), host=st.integers(0, 6), per_vm=st.integers(0, 3))
 def test_hostile_rounds_never_break_a_cap_or_the_budget(rounds, per_cpu, host, per_vm):
     """Whatever is asked, round after round: every cap holds, and no thread that is looked
-    at again by the deadline runs boosted beyond its budget plus what it earned back (the
-    time it did not run)."""
+    at again by the deadline runs boosted beyond its budget plus what it earned back."""
     lim = ArbiterLimits(per_cpu=per_cpu, host=host, per_vm=per_vm, budget=0.5)
     cpus = frozenset({0, 1, 2})
     now, budgets, held = 0.0, {}, frozenset()
     run: Counter = Counter()
     boosted_run: Counter = Counter()
-    idle_wall: Counter = Counter()  # boosted and not running, or unboosted
+    unboosted_wall: Counter = Counter()
     for requests, step, busy in rounds:
         arb = arbitrate(requests, held, budgets, dict(run), cpus, lim, now)
         grants = [k for k, v in arb.verdicts.items() if v == Verdict.GRANTED]
@@ -228,7 +202,7 @@ def test_hostile_rounds_never_break_a_cap_or_the_budget(rounds, per_cpu, host, p
                 assert any(g.vm == k.vm and g.index != EMULATOR for g in grants)
         for k, b in arb.budgets.items():
             assert 0.0 <= b.remaining <= lim.budget
-            assert boosted_run[k] <= lim.budget + idle_wall[k] + 1e-6
+            assert boosted_run[k] <= lim.budget + unboosted_wall[k] + 1e-6
         held = frozenset(grants)
         budgets = arb.budgets
         if arb.next_deadline is not None:  # the caller's contract: look again by then
@@ -238,7 +212,6 @@ def test_hostile_rounds_never_break_a_cap_or_the_budget(rounds, per_cpu, host, p
             run[k] += int(ran * NS)
             if k in held:
                 boosted_run[k] += ran
-                idle_wall[k] += step - ran
             else:
-                idle_wall[k] += step
+                unboosted_wall[k] += step
         now += step

@@ -198,7 +198,7 @@ starting one mode later:
   libvirt's `<vcpusched>` do it;
 - `guestagent`: the host load; `guestagent run` in the guest, `guestagent-host serve`
   beside QEMU with its default limits and budgets (0.5 s of boosted run time per thread,
-  earned back 1:1 by time the thread does not run) and its default emulator policy, which under TCG
+  earned back 1:1 while unboosted) and its default emulator policy, which under TCG
   boosts QEMU's main loop while a vCPU is boosted;
 - `unbudgeted`: as `guestagent`, with `boost_budget = 3600` seconds, a budget no window
   spends: what the hints alone give, apart from what the budget (a host-side safety
@@ -225,9 +225,9 @@ starting one mode later:
 - **Under TCG** the guest's timer interrupts are run by QEMU's main loop, so a boost
   helps the guest only with the main loop boosted too: static boosts it, and so does
   `serve`'s emulator policy. Each boosted thread spends the host service's budget while
-  it runs and earns it back while it does not, which holds it to half a CPU at RT: a
-  thread that runs more than half of the time has its boost come and go (the stripes
-  in the timeline; *time RT* gives the share of the window); static has no budget. (Under KVM the in-kernel LAPIC timer does not go through the
+  it runs and earns it back only while unboosted, so under `guestagent` the boost comes
+  and goes (the stripes in the timeline; *time RT* gives the share of the window);
+  static has no budget. (Under KVM the in-kernel LAPIC timer does not go through the
   main loop, and `serve` leaves the main loop alone there by default.)
 - A second guest that runs only batch work is not part of the run on a 2-CPU host.
 """

@@ -10,12 +10,8 @@ decided here, over every VM's requests at once:
 - at most `host` boosted threads on the host, and at most `per_vm` vCPUs of one VM;
 - a boost budget per thread after pvsched v3: a boosted thread spends its budget
   by running (RT run time, so a boosted vCPU that mostly sleeps spends little),
-  and earns it back 1:1 with wall time it does not run, boosted or not; when it is
-  spent the thread is returned to its normal settings until the budget is full
-  again. pvsched v3 earns back only while unboosted; earning while boosted too
-  makes the budget bound what matters, each thread's RT share over time, at
-  min(f, 1/2) of a CPU for a thread that runs a share f: a spinner is held to half
-  a CPU as before, and a vCPU that runs half the time (TCG) keeps its boost.
+  and earns it back 1:1 with wall time while unboosted; when it is spent the thread
+  is returned to its normal settings until the budget is full again.
 
 Grants held stay ahead of new requests (no VM can take a slot by asking louder),
 then higher RT priority first. A VM's emulator (main-loop) thread and its
@@ -43,7 +39,7 @@ class ArbiterLimits:
     per_cpu: int = 1  # boosted threads per physical CPU
     host: int | None = None  # boosted threads on the host; None: one per CPU (times per_cpu)
     per_vm: int | None = None  # boosted vCPUs of one VM; None: half the host's, at least 1
-    budget: float = 0.5  # seconds of boosted run time; earned back 1:1 by time not running
+    budget: float = 0.5  # seconds of boosted run time; earned back 1:1 while unboosted
     min_slice: float = 0.01  # never wake more often than this to account a budget
 
     def resolved(self, pcpus: frozenset[int]) -> ArbiterLimits:
@@ -102,15 +98,14 @@ def fresh_budget(limits: ArbiterLimits, now: float, run_ns: int | None = None) -
 
 
 def account(b: Budget, run_ns: int | None, now: float, limits: ArbiterLimits) -> Budget:
-    """Spend what the thread ran while boosted; earn back the wall time it did not run
-    while boosted, and all of it while unboosted (its run time then is not RT)."""
+    """Spend what the thread ran while boosted, or earn back the wall time unboosted."""
     elapsed = max(0.0, now - b.at)
     if b.boosted:
         if run_ns is not None and b.run_ns is not None:
-            ran = min(elapsed, max(0, run_ns - b.run_ns) / NS)
+            ran = max(0, run_ns - b.run_ns) / NS
         else:
             ran = elapsed  # run time unknown: assume it ran all the time (the safe side)
-        remaining = min(limits.budget, b.remaining - ran + (elapsed - ran))
+        remaining = b.remaining - ran
         boosted_seconds = b.boosted_seconds + elapsed
     else:
         remaining = min(limits.budget, b.remaining + elapsed)

@@ -4,7 +4,7 @@
     max_boosted_per_cpu = 1      # boosted threads per physical CPU
     max_boosted = 2              # on the host (default: one per CPU)
     max_boosted_per_vm = 1       # vCPUs of one VM (default: half the host's)
-    boost_budget = 0.5           # seconds of boosted run time, earned back 1:1 not running
+    boost_budget = 0.5           # seconds of boosted run time, earned back 1:1 unboosted
     emulator = "follow"          # "follow" | "never" | "always" (default: follow under TCG)
     rt_cgroup_budget_us = 0      # RT runtime to hand down cgroup chains; 0: never touch them
     rt_cgroup_per_thread_us = 50000
@@ -61,8 +61,7 @@ SCHEMA: tuple[KeySpec, ...] = (
     KeySpec("host", "max_boosted_per_vm", "int", None,
             "Boosted vCPUs of one VM (default: half the host's).", 0, 1 << 16),
     KeySpec("host", "boost_budget", "float", 0.5,
-            "Seconds of boosted run time a thread may spend, earned back 1:1 by time it does "
-            "not run.",
+            "Seconds of boosted run time a thread may spend, earned back 1:1 while unboosted.",
             0.001, 3600),
     KeySpec("host", "emulator", "choice", None,
             "follow: boost QEMU's main-loop thread while any of the VM's vCPUs is boosted; "
