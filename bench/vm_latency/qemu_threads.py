@@ -7,7 +7,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from .timeline import MAIN_THREAD, ThreadSample
 
@@ -118,14 +118,19 @@ def _rt(tid: int) -> bool:
     return os.sched_getscheduler(tid) & 0xFF in (os.SCHED_FIFO, os.SCHED_RR)
 
 
-def rt_threads(pid: int) -> set[int]:
-    """The threads of QEMU ``pid`` at an RT policy now."""
+def _threads_where(pid: int, test: Callable[[int], bool]) -> set[int]:
+    """The threads of QEMU ``pid`` for which ``test(tid)`` holds now."""
     out = set()
     for tid in qemu_tasks(pid):
         with contextlib.suppress(OSError):  # exited meanwhile
-            if _rt(tid):
+            if test(tid):
                 out.add(tid)
     return out
+
+
+def rt_threads(pid: int) -> set[int]:
+    """The threads of QEMU ``pid`` at an RT policy now."""
+    return _threads_where(pid, _rt)
 
 
 @contextlib.contextmanager
@@ -167,12 +172,7 @@ def lower(tids: Iterable[int]) -> None:
 def changed_threads(pid: int) -> set[int]:
     """The threads of QEMU ``pid`` at an RT policy or a nice level other than 0 now: what
     a mode may have left behind (QEMU starts every thread at SCHED_OTHER, nice 0)."""
-    out = set()
-    for tid in qemu_tasks(pid):
-        with contextlib.suppress(OSError):  # exited meanwhile
-            if _rt(tid) or os.getpriority(os.PRIO_PROCESS, tid) != 0:
-                out.add(tid)
-    return out
+    return _threads_where(pid, lambda tid: _rt(tid) or os.getpriority(os.PRIO_PROCESS, tid) != 0)
 
 
 @contextlib.contextmanager
