@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -108,29 +109,57 @@ def test_emulator_does_not_count_against_the_vm_share():
 
 def test_budget_spends_run_time_not_wall_time():
     lim = ArbiterLimits(budget=0.5)
-    b = Budget(0.5, 0.0, run_ns=0, boosted=True)
-    # One second boosted, 100 ms of it running: a mostly-sleeping vCPU spends little.
+    b = Budget(0.4, 0.0, run_ns=0, boosted=True)
+    # One second boosted, 100 ms of it running: a mostly-sleeping vCPU spends little,
+    # and earns half of the second meanwhile, up to the budget.
     b = account(b, int(0.1 * NS), 1.0, lim)
-    assert abs(b.remaining - 0.4) < 1e-9 and not b.spent
+    assert b.remaining == 0.5 and not b.spent
     assert b.boosted_seconds == 1.0
+    b = account(Budget(0.5, 0.0, run_ns=0, boosted=True), int(0.3 * NS), 0.4, lim)
+    assert abs(b.remaining - 0.4) < 1e-9  # ran 0.3, earned 0.2
 
 
-def test_budget_runs_out_and_is_earned_back_one_to_one():
-    lim = ArbiterLimits(budget=0.5)
+def test_budget_runs_out_and_is_earned_back_at_the_share():
+    lim = ArbiterLimits(budget=0.5, share=0.5)
     b = Budget(0.5, 0.0, run_ns=0, boosted=True)
-    b = account(b, int(0.6 * NS), 0.6, lim)
+    b = account(b, int(1.0 * NS), 1.0, lim)  # a spinner: spends 1, earns 0.5
     assert b.spent and b.remaining == 0.0 and b.exhaustions == 1
-    b = account(Budget(**{**b.__dict__, "boosted": False}), int(0.6 * NS), 0.9, lim)
-    assert b.spent and abs(b.remaining - 0.3) < 1e-9  # 300 ms unboosted: 300 ms back
-    b = account(b, int(0.6 * NS), 1.1, lim)
+    b = account(Budget(**{**b.__dict__, "boosted": False}), int(1.5 * NS), 1.6, lim)
+    assert b.spent and abs(b.remaining - 0.3) < 1e-9  # 600 ms unboosted: 300 ms back
+    b = account(b, int(1.9 * NS), 2.1, lim)
     assert not b.spent and b.remaining == 0.5  # full again, never above the budget
     assert b.exhaustions == 1
 
 
+@pytest.mark.parametrize("f", [0.1, 0.3, 0.5, 0.6, 0.8, 1.0])
+@pytest.mark.parametrize("share", [0.25, 0.5, 0.9])
+def test_a_thread_is_held_to_its_share_and_keeps_its_boost_below_it(f, share):
+    """Rounds of 10 ms for 200 s by the arbiter's own deadlines, the thread running a share
+    f of its time: RT run time stays within share * T + budget; below the share it is
+    never cut, above it it is boosted share/f of the time."""
+    key = ThreadKey("a", 0)
+    lim = ArbiterLimits(per_cpu=1, host=4, per_vm=4, budget=0.5, share=share)
+    now, run, rt_run, boosted_time, budgets, held = 0.0, 0, 0.0, 0.0, {}, frozenset()
+    while now < 200.0:
+        arb = arbitrate([req("a", 0)], held, budgets, {key: run}, CPUS, lim, now)
+        budgets, held = arb.budgets, frozenset(k for k in arb.verdicts if arb.granted(k))
+        step = min(0.01, arb.next_deadline - now) if arb.next_deadline else 0.01
+        run += int(f * step * NS)
+        if key in held:
+            rt_run += f * step
+            boosted_time += step
+        now += step
+    assert rt_run <= share * now + lim.budget + 1e-6
+    if f <= share:
+        assert boosted_time == pytest.approx(now)
+    else:
+        assert boosted_time / now == pytest.approx(share / f, abs=0.02)
+
+
 def test_unknown_run_time_spends_wall_time():
-    lim = ArbiterLimits(budget=0.5)
+    lim = ArbiterLimits(budget=0.5, share=0.5)
     b = account(Budget(0.5, 0.0, None, boosted=True), None, 0.2, lim)
-    assert abs(b.remaining - 0.3) < 1e-9
+    assert abs(b.remaining - 0.4) < 1e-9
 
 
 def test_run_time_going_backwards_spends_nothing():
@@ -141,14 +170,23 @@ def test_run_time_going_backwards_spends_nothing():
 
 def test_spent_budget_withholds_and_says_when_to_look_again():
     key = ThreadKey("a", 0)
-    lim = ArbiterLimits(per_cpu=1, host=4, per_vm=4, budget=0.5)
+    lim = ArbiterLimits(per_cpu=1, host=4, per_vm=4, budget=0.5, share=0.5)
     arb = arbitrate([req("a", 0)], (), {}, {key: 0}, CPUS, lim, 0.0)
-    assert arb.granted(key) and arb.next_deadline == 0.5
-    # It ran flat out: at the deadline the budget is gone.
-    arb = arbitrate([req("a", 0)], [key], arb.budgets, {key: int(0.5 * NS)}, CPUS, lim, 0.5)
+    # Running flat out it spends 1 and earns 0.5 a second: dry after 1 s.
+    assert arb.granted(key) and arb.next_deadline == 1.0
+    arb = arbitrate([req("a", 0)], [key], arb.budgets, {key: NS}, CPUS, lim, 1.0)
     assert arb.verdicts[key] == Verdict.SPENT
-    assert arb.next_deadline == 1.0  # earned back after as long unboosted
-    arb = arbitrate([req("a", 0)], (), arb.budgets, {key: int(0.5 * NS)}, CPUS, lim, 1.0)
+    assert arb.next_deadline == 2.0  # earned back at half a second per second
+    arb = arbitrate([req("a", 0)], (), arb.budgets, {key: NS}, CPUS, lim, 2.0)
+    assert arb.granted(key)
+
+
+def test_a_share_of_one_never_runs_dry():
+    key = ThreadKey("a", 0)
+    lim = ArbiterLimits(per_cpu=1, host=4, per_vm=4, budget=0.5, share=1.0)
+    arb = arbitrate([req("a", 0)], (), {}, {key: 0}, CPUS, lim, 0.0)
+    assert arb.granted(key) and arb.next_deadline is None
+    arb = arbitrate([req("a", 0)], [key], arb.budgets, {key: 10 * NS}, CPUS, lim, 10.0)
     assert arb.granted(key)
 
 
@@ -181,13 +219,12 @@ REQUEST = st.builds(req, VMS, st.integers(-1, 5), st.integers(0, 99),
        per_cpu=st.integers(1, 2), host=st.integers(0, 6), per_vm=st.integers(0, 3))
 def test_hostile_rounds_never_break_a_cap_or_the_budget(rounds, per_cpu, host, per_vm):
     """Whatever is asked, round after round: every cap holds, and no thread that is looked
-    at again by the deadline runs boosted beyond its budget plus what it earned back."""
+    at again by the deadline runs boosted beyond its budget plus its share of the time."""
     lim = ArbiterLimits(per_cpu=per_cpu, host=host, per_vm=per_vm, budget=0.5)
     cpus = frozenset({0, 1, 2})
     now, budgets, held = 0.0, {}, frozenset()
     run: Counter = Counter()
     boosted_run: Counter = Counter()
-    unboosted_wall: Counter = Counter()
     for requests, step, busy in rounds:
         arb = arbitrate(requests, held, budgets, dict(run), cpus, lim, now)
         grants = [k for k, v in arb.verdicts.items() if v == Verdict.GRANTED]
@@ -202,7 +239,7 @@ def test_hostile_rounds_never_break_a_cap_or_the_budget(rounds, per_cpu, host, p
                 assert any(g.vm == k.vm and g.index != EMULATOR for g in grants)
         for k, b in arb.budgets.items():
             assert 0.0 <= b.remaining <= lim.budget
-            assert boosted_run[k] <= lim.budget + unboosted_wall[k] + 1e-6
+            assert boosted_run[k] <= lim.budget + lim.share * now + 1e-6
         held = frozenset(grants)
         budgets = arb.budgets
         if arb.next_deadline is not None:  # the caller's contract: look again by then
@@ -212,6 +249,4 @@ def test_hostile_rounds_never_break_a_cap_or_the_budget(rounds, per_cpu, host, p
             run[k] += int(ran * NS)
             if k in held:
                 boosted_run[k] += ran
-            else:
-                unboosted_wall[k] += step
         now += step

@@ -8,10 +8,15 @@ decided here, over every VM's requests at once:
   admitted only if each can be given a slot on a CPU its affinity allows (a
   matching), so RT threads never have to stack on one CPU;
 - at most `host` boosted threads on the host, and at most `per_vm` vCPUs of one VM;
-- a boost budget per thread after pvsched v3: a boosted thread spends its budget
-  by running (RT run time, so a boosted vCPU that mostly sleeps spends little),
-  and earns it back 1:1 with wall time while unboosted; when it is spent the thread
-  is returned to its normal settings until the budget is full again.
+- a boost budget per thread, a token bucket: every thread earns `share` seconds of
+  budget per second of wall time, up to `budget`, and a boosted thread spends it by
+  running (RT run time, so a boosted vCPU that mostly sleeps spends little). When it
+  is spent the thread is returned to its normal settings until the budget is full
+  again. Over any span T a thread runs at RT at most share * T + budget, whatever it
+  does: at the default share of 1/2 a spinner gets half a CPU, as under pvsched v3's
+  rule (spend while boosted, earn back 1:1 only while unboosted), while a thread
+  that runs a share f <= 1/2 of the time keeps its boost, where pvsched v3 would
+  hold it to f/(1+f).
 
 Grants held stay ahead of new requests (no VM can take a slot by asking louder),
 then higher RT priority first. A VM's emulator (main-loop) thread and its
@@ -39,7 +44,8 @@ class ArbiterLimits:
     per_cpu: int = 1  # boosted threads per physical CPU
     host: int | None = None  # boosted threads on the host; None: one per CPU (times per_cpu)
     per_vm: int | None = None  # boosted vCPUs of one VM; None: half the host's, at least 1
-    budget: float = 0.5  # seconds of boosted run time; earned back 1:1 while unboosted
+    budget: float = 0.5  # seconds of boosted run time a thread may bank
+    share: float = 0.5  # seconds of budget earned per second of wall time: the RT share
     min_slice: float = 0.01  # never wake more often than this to account a budget
 
     def resolved(self, pcpus: frozenset[int]) -> ArbiterLimits:
@@ -98,18 +104,18 @@ def fresh_budget(limits: ArbiterLimits, now: float, run_ns: int | None = None) -
 
 
 def account(b: Budget, run_ns: int | None, now: float, limits: ArbiterLimits) -> Budget:
-    """Spend what the thread ran while boosted, or earn back the wall time unboosted."""
+    """Earn `share` of the wall time since `at`; spend what the thread ran if boosted."""
     elapsed = max(0.0, now - b.at)
+    remaining = b.remaining + limits.share * elapsed
+    boosted_seconds = b.boosted_seconds
     if b.boosted:
         if run_ns is not None and b.run_ns is not None:
             ran = max(0, run_ns - b.run_ns) / NS
         else:
             ran = elapsed  # run time unknown: assume it ran all the time (the safe side)
-        remaining = b.remaining - ran
-        boosted_seconds = b.boosted_seconds + elapsed
-    else:
-        remaining = min(limits.budget, b.remaining + elapsed)
-        boosted_seconds = b.boosted_seconds
+        remaining -= ran
+        boosted_seconds += elapsed
+    remaining = min(limits.budget, remaining)
     spent, exhaustions = b.spent, b.exhaustions
     if remaining <= 0:
         remaining = 0.0
@@ -236,10 +242,11 @@ def arbitrate(requests: Sequence[BoostRequest], held: Iterable[ThreadKey],
         boosted = verdicts.get(key) == Verdict.GRANTED
         b = replace(b, boosted=boosted)
         out[key] = b
-        if boosted:  # running flat out, this is when it would run dry
-            deadlines.append(now + max(b.remaining, limits.min_slice))
+        if boosted and limits.share < 1:  # running flat out, this is when it would run dry
+            deadlines.append(now + max(b.remaining / (1 - limits.share), limits.min_slice))
         elif b.spent and key in asked:
-            deadlines.append(now + max(limits.budget - b.remaining, limits.min_slice))
+            deadlines.append(now + max((limits.budget - b.remaining) / limits.share,
+                                       limits.min_slice))
     return Arbitration(verdicts, placement.assignment(), out,
                        min(deadlines) if deadlines else None)
 

@@ -204,6 +204,7 @@ def service_document(service: HostService, now: float) -> dict[str, Any]:
         "service": True,
         "limits": {"max_boosted_per_cpu": lim.per_cpu, "max_boosted": lim.host,
                    "max_boosted_per_vm": lim.per_vm, "boost_budget": lim.budget,
+                   "boost_share": lim.share,
                    "pcpus": sorted(service.pcpus)},
         "boosted": boosted,
         "vms": [vm_document(n, e, service, now) for n, e in sorted(service.vms.items())],
@@ -216,7 +217,8 @@ def format_service(doc: Mapping[str, Any]) -> str:
     lim = doc.get("limits", {})
     lines = [f"{len(doc.get('vms', []))} VMs  boosted {len(doc.get('boosted', []))}/"
              f"{lim.get('max_boosted')} (per CPU {lim.get('max_boosted_per_cpu')}, per VM "
-             f"{lim.get('max_boosted_per_vm')})  budget {lim.get('boost_budget')} s"]
+             f"{lim.get('max_boosted_per_vm')})  budget {lim.get('boost_budget')} s, "
+             f"share {lim.get('boost_share')}"]
     for vm in doc.get("vms", []):
         lines.append("")
         head = f"{vm['name']}  {vm.get('transport')}  {vm.get('accel')}"

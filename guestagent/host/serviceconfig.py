@@ -4,7 +4,8 @@
     max_boosted_per_cpu = 1      # boosted threads per physical CPU
     max_boosted = 2              # on the host (default: one per CPU)
     max_boosted_per_vm = 1       # vCPUs of one VM (default: half the host's)
-    boost_budget = 0.5           # seconds of boosted run time, earned back 1:1 unboosted
+    boost_budget = 0.5           # seconds of boosted run time a thread may bank
+    boost_share = 0.5            # ... earned per second: a boosted thread's RT share of a CPU
     emulator = "follow"          # "follow" | "never" | "always" (default: follow under TCG)
     rt_cgroup_budget_us = 0      # RT runtime to hand down cgroup chains; 0: never touch them
     rt_cgroup_per_thread_us = 50000
@@ -61,8 +62,10 @@ SCHEMA: tuple[KeySpec, ...] = (
     KeySpec("host", "max_boosted_per_vm", "int", None,
             "Boosted vCPUs of one VM (default: half the host's).", 0, 1 << 16),
     KeySpec("host", "boost_budget", "float", 0.5,
-            "Seconds of boosted run time a thread may spend, earned back 1:1 while unboosted.",
-            0.001, 3600),
+            "Seconds of boosted run time a thread may bank (the burst).", 0.001, 3600),
+    KeySpec("host", "boost_share", "float", 0.5,
+            "Seconds of budget a thread earns per second: the share of a CPU it may hold at RT "
+            "over time.", 0.01, 1.0),
     KeySpec("host", "emulator", "choice", None,
             "follow: boost QEMU's main-loop thread while any of the VM's vCPUs is boosted; "
             "always: the same under KVM too; never (default: follow under TCG, never under KVM).",
@@ -87,7 +90,8 @@ SCHEMA: tuple[KeySpec, ...] = (
 # Keys of the [host] table that are ArbiterLimits fields, by field name; the others are
 # ServiceSettings fields of the same name.
 ARBITER_FIELDS = {"max_boosted_per_cpu": "per_cpu", "max_boosted": "host",
-                  "max_boosted_per_vm": "per_vm", "boost_budget": "budget"}
+                  "max_boosted_per_vm": "per_vm", "boost_budget": "budget",
+                  "boost_share": "share"}
 
 
 def parse_service(text: str, path: str = "<config>") -> ServiceSettings:

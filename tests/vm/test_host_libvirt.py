@@ -265,19 +265,31 @@ def test_serve_finds_both_domains_refuses_rt_in_the_trap_then_grants_and_restore
         g.kill_tasks()
 
 
+def _run_s(pid: int, tid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+            return int(f.read().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def test_hostile_guest_stays_inside_the_caps_and_budget(world):
     """The guest asks FIFO 99 on every vCPU, one of them flapping, with both vCPUs busy:
     never more boosted vCPUs than its share nor RT threads than the host cap, the priority
-    clamped, and the budget runs out and is said to the guest (BUDGET_SPENT)."""
+    clamped, the budget runs out and is said to the guest (BUDGET_SPENT), and over 30 s
+    the vCPUs run at RT no more than the budget's share of the time plus its burst."""
     doms, guests = world["doms"], world["guests"]
     chan = doms["channel"]
     workdir = world["workdir"] / "hostile"
     workdir.mkdir()
     before = {n: _cgroup_runtimes(d) for n, d in doms.items()}
-    # A cgroup grant large enough that the budget (RT run time), not the kernel's RT
-    # throttling, is what stops the boosted vCPU.
+    # Each boosted thread's cgroup gets 15 % of a CPU at RT (150 ms per 1 s period), seven
+    # times the budget's share, so that the budget, not the kernel's RT throttling, is
+    # what bounds the boosted vCPU.
+    budget, share, span = 0.3, 0.02, 30.0
     svc = Service(workdir, "ga-lvt", "rt_cgroup_budget_us = 600000\n"
-                                     "rt_cgroup_per_thread_us = 150000\n", budget=0.3)
+                                     "rt_cgroup_per_thread_us = 150000\n"
+                                     f"boost_share = {share}\n", budget=budget)
     g = guests["channel"]
     try:
         assert wait_for(lambda: _linked(svc, chan.name), 180), svc.log_text()
@@ -295,12 +307,26 @@ def test_hostile_guest_stays_inside_the_caps_and_budget(world):
         most_vcpus = most_rt = 0
         asked_99: set[int] = set()
         spent = False
-        while time.monotonic() < deadline and not (spent and asked_99 == {0, 1}):
+        first_boost: float | None = None
+        rt_run = 0.0  # vCPU run time between two samples that both saw it FIFO
+        last: dict[int, tuple[bool, float | None]] = {}
+        while time.monotonic() < deadline and not (
+                spent and asked_99 == {0, 1} and first_boost is not None
+                and time.monotonic() - first_boost >= span):
             rt = [policy(t) for d in doms.values() for t in _threads(d)
                   if policy(t)[0] == os.SCHED_FIFO]
             most_rt = max(most_rt, len(rt))
-            vcpus = [t for t in vcpu_tids(chan.pid).values() if policy(t)[0] == os.SCHED_FIFO]
+            tids = vcpu_tids(chan.pid).values()
+            vcpus = [t for t in tids if policy(t)[0] == os.SCHED_FIFO]
             most_vcpus = max(most_vcpus, len(vcpus))
+            if vcpus and first_boost is None:
+                first_boost = time.monotonic()
+            for t in tids:
+                now_rt, ran = t in vcpus, _run_s(chan.pid, t)
+                was_rt, ran_before = last.get(t, (False, None))
+                if now_rt and was_rt and ran is not None and ran_before is not None:
+                    rt_run += ran - ran_before
+                last[t] = (now_rt, ran)
             assert all(p <= 10 for _, p in rt), rt  # clamped to max_rt_priority
             vm = svc.vm(chan.name) or {}
             for v in vm.get("vcpus", []):
@@ -315,6 +341,12 @@ def test_hostile_guest_stays_inside_the_caps_and_budget(world):
         assert most_rt <= 3  # that vCPU, the emulator thread and the iothread: no more
         vm = svc.vm(chan.name)
         assert any(v["budget_exhaustions"] >= 1 for v in vm["vcpus"])
+        # One vCPU boosted at a time, each with its own bucket: two buckets' worth at most,
+        # plus a sampling period's worth of slack.
+        assert first_boost is not None
+        elapsed = time.monotonic() - first_boost
+        bound = 2 * (share * elapsed + budget) + 0.1
+        assert rt_run <= bound, (rt_run, elapsed, bound)
     finally:
         g.kill_tasks()
         try:
