@@ -40,6 +40,7 @@ from bench.vm_latency.timeline import (
     ThreadSample,
     Window,
     boosted_by_mode,
+    cpu_by_mode,
     boosted_seconds,
     class_of,
     first_boost,
@@ -191,6 +192,21 @@ def test_segments_merge_runs_and_hold_until_the_next_sample() -> None:
     assert boosted_seconds(runs["m"], 3.5, 10.0) == 0.5  # clipped to the window
 
 
+def test_cpu_by_mode_is_run_time_over_each_window() -> None:
+    def run(t: float, name: str, ran_s: float) -> ThreadSample:
+        return ThreadSample(t, 1, name, 1, 1, 0, int(ran_s * 1e9))
+    # "v" runs 60 % of the first window and 20 % of the second; samples outside the
+    # windows (the 3 s gap between them, where it ran flat out) do not count.
+    samples = [run(0.0, "v", 0.0), run(5.0, "v", 3.0), run(8.0, "v", 6.0),
+               run(10.0, "v", 6.0), run(20.0, "v", 8.0), run(1.0, "lone", 0.0),
+               ThreadSample(2.0, 1, "unread", 0, 0, 0)]
+    windows = [Window("static", 0, 0.0, 5.0), Window("static", 1, 10.0, 20.0),
+               Window("none", 0, 5.5, 7.0)]
+    cpu = cpu_by_mode(samples, windows)
+    assert cpu["static"] == {"v": pytest.approx(5.0 / 15.0)}
+    assert cpu["none"] == {}  # fewer than two samples in the window
+
+
 def test_a_thread_that_exited_is_not_held_to_the_end() -> None:
     """A worker last seen at FIFO that then exited counted as RT in every later mode."""
     samples = [_s(t / 10, "m") for t in range(50)] + [_s(0.0, "w", 1, 1), _s(0.1, "w", 1, 1)]
@@ -316,6 +332,12 @@ def test_tables_and_delays() -> None:
     assert "guestagent  latency guest" in text and "100/100" in text
     host = host_table(figs)
     assert "CPU 1/TCG" in host and "90%" in host and "worker [7]" not in host
+    assert "CPU used" not in host  # no run times sampled
+    static = mode_figures([_window("static", 0, {100: 10}, 5.0)],
+                          {"static": {MAIN_THREAD: 1.0, "CPU 1/TCG": 1.0}},
+                          {"static": {"CPU 1/TCG": 0.625}})
+    used = host_table(static).split("CPU used:")[1]
+    assert "0.62" in used and used.count("-") == 1  # the main loop's run time: not read
     delays = delay_lines(figs)
     assert delays[0].endswith("0.40, never s (median 0.40 s)")
     assert delays[1].endswith("(never boosted)")

@@ -53,10 +53,12 @@ class ModeFigures:
     boost_delays: tuple[float | None, ...] = ()
     emulator_delays: tuple[float | None, ...] = ()
     boosted: Mapping[str, float] = field(default_factory=dict)  # thread -> share of time RT
+    cpu: Mapping[str, float] = field(default_factory=dict)  # thread -> CPUs' worth it ran
 
 
 def mode_figures(windows: Sequence[WindowResult],
-                 boosted: Mapping[str, Mapping[str, float]] | None = None
+                 boosted: Mapping[str, Mapping[str, float]] | None = None,
+                 cpu: Mapping[str, Mapping[str, float]] | None = None
                  ) -> dict[str, ModeFigures]:
     """Per mode, in the order modes first appear: latency from the rounds' histograms
     pooled (as one longer run would give), throughput as the median round."""
@@ -77,5 +79,6 @@ def mode_figures(windows: Sequence[WindowResult],
             boost_delays=tuple(w.boost_delay_s for w in rounds),
             emulator_delays=tuple(w.emulator_delay_s for w in rounds),
             boosted=dict((boosted or {}).get(mode, {})),
+            cpu=dict((cpu or {}).get(mode, {})),
         )
     return out

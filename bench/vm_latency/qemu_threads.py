@@ -48,7 +48,15 @@ def read_state(tid: int, name: str) -> ThreadSample | None:
         nice = os.getpriority(os.PRIO_PROCESS, tid)
     except OSError:
         return None  # the thread exited
-    return ThreadSample(time.monotonic(), tid, name, policy, priority, nice)
+    return ThreadSample(time.monotonic(), tid, name, policy, priority, nice, _run_ns(tid))
+
+
+def _run_ns(tid: int) -> int | None:
+    try:
+        with open(f"/proc/{tid}/schedstat") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def accelerator(pid: int) -> str:

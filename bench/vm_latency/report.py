@@ -45,7 +45,8 @@ def latency_table(figures: Mapping[str, ModeFigures], hist_us: int) -> str:
 
 
 def host_table(figures: Mapping[str, ModeFigures]) -> str:
-    """Host throughput, and the share of each mode's time each QEMU thread ran RT."""
+    """Host throughput, the share of each mode's time each QEMU thread ran RT, and the
+    CPU each used (what a budget's share must cover for the boost to stay)."""
     threads = thread_order(n for f in figures.values() for n, share in f.boosted.items()
                            if share > 0 or not _is_other_thread(n))
     head = f"{'mode':<11} {'work/s':>9} {'load CPUs':>9}  time RT: "
@@ -54,6 +55,12 @@ def host_table(figures: Mapping[str, ModeFigures]) -> str:
         cells = "  ".join(f"{fig.boosted.get(t, 0.0):>11.0%} " for t in threads)
         lines.append(f"{mode:<11} {fig.work_per_s:>9,.0f} {fig.load_cpus:>9.2f}  "
                      f"{'':9}{cells}")
+    if any(f.cpu for f in figures.values()):
+        lines += ["", f"{'mode':<11} CPU used: " + "  ".join(f"{t:>12}" for t in threads)]
+        for mode, fig in figures.items():
+            cells = "  ".join(f"{fig.cpu[t]:>12.2f}" if t in fig.cpu else f"{'-':>12}"
+                              for t in threads)
+            lines.append(f"{mode:<11} {'':10}{cells}")
     return "\n".join(lines)
 
 
@@ -197,9 +204,10 @@ starting one mode later:
   whole window, as OpenStack Nova (`hw:cpu_realtime`), KubeVirt's realtime mode and
   libvirt's `<vcpusched>` do it;
 - `guestagent`: the host load; `guestagent run` in the guest, `guestagent-host serve`
-  beside QEMU with its default limits and budgets (0.5 s of boosted run time per thread,
-  earned back 1:1 while unboosted) and its default emulator policy, which under TCG
-  boosts QEMU's main loop while a vCPU is boosted;
+  beside QEMU with its default limits and budgets (per thread, a bucket of 0.5 s of
+  boosted run time earned at 0.5 s per second: half a CPU at RT over time) and its
+  default emulator policy, which under TCG boosts QEMU's main loop while a vCPU is
+  boosted;
 - `unbudgeted`: as `guestagent`, with `boost_budget = 3600` seconds, a budget no window
   spends: what the hints alone give, apart from what the budget (a host-side safety
   limit against a guest that boosts and spins) takes back;
@@ -216,7 +224,9 @@ starting one mode later:
 - **Figures**: latency percentiles from the rounds' histograms pooled per mode; host
   throughput as the median round; *time RT* is the share of a mode's measured time each
   QEMU thread spent at an RT policy, from its policy sampled every 20 ms (the timeline in
-  the plot); the boost delay runs from the guest's command server reporting cyclictest
+  the plot); *CPU used* is the run time each thread got over the mode's measured time
+  (from /proc schedstat at the same samples), boosted or not: a thread keeps its boost
+  under `guestagent` only while this stays within the budget's share; the boost delay runs from the guest's command server reporting cyclictest
   started (host clock) to the host seeing the vCPU thread RT, polled every 1 ms.
 - **Targets**: ratios of this run. Where a target is out of reach on this machine, the
   line says what the best reference mode gives in guestagent's place (the better of
@@ -225,9 +235,9 @@ starting one mode later:
 - **Under TCG** the guest's timer interrupts are run by QEMU's main loop, so a boost
   helps the guest only with the main loop boosted too: static boosts it, and so does
   `serve`'s emulator policy. Each boosted thread spends the host service's budget while
-  it runs and earns it back only while unboosted, so under `guestagent` the boost comes
-  and goes (the stripes in the timeline; *time RT* gives the share of the window);
-  static has no budget. (Under KVM the in-kernel LAPIC timer does not go through the
+  it runs and earns half a second of it per second, so under `guestagent` a thread that
+  needs more than half a CPU has its boost come and go (the stripes in the timeline;
+  *time RT* gives the share of the window); static has no budget. (Under KVM the in-kernel LAPIC timer does not go through the
   main loop, and `serve` leaves the main loop alone there by default.)
 - A second guest that runs only batch work is not part of the run on a 2-CPU host.
 """

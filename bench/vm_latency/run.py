@@ -52,6 +52,7 @@ from bench.vm_latency.timeline import (  # noqa: E402
     MAIN_THREAD,
     Window,
     boosted_by_mode,
+    cpu_by_mode,
     first_boost,
     segments,
 )
@@ -306,7 +307,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         samples = sampler.snapshot()
         machine = machine_lines(accel, args, load_before)
     timeline = segments(samples, end=windows[-1].end, gone_after=qemu_threads.GONE_AFTER)
-    figures = mode_figures(results, boosted_by_mode(timeline, windows))
+    figures = mode_figures(results, boosted_by_mode(timeline, windows),
+                           cpu_by_mode(samples, windows))
     tables = [report.latency_table(figures, args.hist_us), report.host_table(figures)]
     targets, references = target_lines(figures), reference_lines(figures)
     delays = [line for mode in hostservice.SERVICE_MODES

@@ -24,6 +24,7 @@ class ThreadSample:
     policy: int
     priority: int
     nice: int
+    run_ns: int | None = None  # the thread's total run time (schedstat), if read
 
     @property
     def boosted(self) -> bool:
@@ -100,6 +101,30 @@ def boosted_by_mode(timeline: Mapping[str, Sequence[Segment]], windows: Sequence
             continue
         out[mode] = {name: sum(boosted_seconds(runs, w.start, w.end) for w in spans) / total
                      for name, runs in timeline.items()}
+    return out
+
+
+def cpu_by_mode(samples: Iterable[ThreadSample], windows: Sequence[Window]
+                ) -> dict[str, dict[str, float]]:
+    """mode -> thread name -> CPUs' worth of run time over that mode's measured time: what
+    each thread used, boosted or not, from the run time of its first and last sample inside
+    each window (a budget that earns less than this cannot keep the thread boosted)."""
+    by_thread: dict[str, list[ThreadSample]] = {}
+    for s in sorted(samples, key=lambda s: s.t):
+        if s.run_ns is not None:
+            by_thread.setdefault(s.name, []).append(s)
+    out: dict[str, dict[str, float]] = {}
+    for mode in dict.fromkeys(w.mode for w in windows):
+        used: dict[str, tuple[float, float]] = {}  # name -> (run seconds, wall seconds)
+        for w in (w for w in windows if w.mode == mode):
+            for name, series in by_thread.items():
+                inside = [s for s in series if w.start <= s.t <= w.end]
+                if len(inside) < 2 or inside[-1].t <= inside[0].t:
+                    continue
+                ran, wall = used.get(name, (0.0, 0.0))
+                used[name] = (ran + max(0, inside[-1].run_ns - inside[0].run_ns) / 1e9,
+                              wall + inside[-1].t - inside[0].t)
+        out[mode] = {name: ran / wall for name, (ran, wall) in used.items() if wall > 0}
     return out
 
 
