@@ -224,7 +224,11 @@ def test_channel_host_forgets_the_old_sessions_hints_on_the_same_stream(sock_pat
         restart = encode_message(Hello(Feature.CAPACITY, 6, 3))
         if how == "sync":
             restart = RESET + encode_message(Sync(1)) + restart
-        sock.sendall(restart + encode_message(Heartbeat(1, PeerState.RUNNING, 0)))
+        sock.sendall(restart)
+        # until the new session's own heartbeat, it is starting: not the old one's RUNNING
+        assert run([host], 2, lambda: host.conn.hello.epoch == 6)
+        assert host.view().guest_state == PeerState.STARTING
+        sock.sendall(encode_message(Heartbeat(1, PeerState.RUNNING, 0)))
         _running_without_hints(host, 6)
         # the same session saying hello again (the host's own resync) keeps its table
         sock.sendall(encode_message(Hints(4, tuple(HINTS)))

@@ -424,6 +424,9 @@ class ChannelHostLink(_ChannelEnd):
         if isinstance(event, Hello):
             if self._guest_epoch != event.epoch:
                 self._forget_session()
+                # Nor its state: a host that took the old session's RUNNING for the new
+                # one's held a lease until the new guest's first heartbeat (STARTING).
+                self._guest_state = PeerState.ABSENT
             self._guest_epoch = event.epoch
             if self.conn.state == LinkState.UP:
                 self._reason = ""
