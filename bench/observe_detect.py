@@ -25,7 +25,8 @@ keeps the sweeps that a trial triggered (the young sweeps). The naive way,
 beside it from the same run: a sweep (snapshot(full=False)) for every new RT
 thread, timed --naive times after the trials. The loop's wake-ups per new RT
 thread beyond the steady rate are printed too: each costs CPU (select, the
-switch back, a cold interpreter) before the observer does any work.
+switch back, a cold interpreter) before the observer does any work; and what a
+turn costs on average, its sweep aside, at steady state and during the trials.
 Targets: p99 <= 50 ms with 1,000 threads, <= 10 ms with 10,000; agent CPU at
 most 0.5 % of one CPU at steady state, at most 0.5 ms of CPU per new RT thread.
 Run as root: python3 bench/observe_detect.py [--threads 1000,10000] [--trials 200]
@@ -281,8 +282,12 @@ def main() -> int:
                   f"(target <= {TARGET_PER_THREAD_MS} ms) "
                   f"{'OK' if per_rt <= TARGET_PER_THREAD_MS else 'MISSED'}")
             extra = (run.wakeups - run.quiet_wakeups * run.wall) / max(1, len(ms))
+            # a turn's CPU beside the sweeps: what waking up and looking around costs
+            idle_turn = (steady - run.quiet_sweep_cpu) / max(run.quiet_wakeups, 1e-9) * 1e6
+            trial_turn = (run.cpu - sum(run.costs)) / max(1, run.wakeups) * 1e6
             print(f"loop wake-ups: {extra:.1f} per new RT thread beyond the steady "
-                  f"{run.quiet_wakeups:.1f}/s")
+                  f"{run.quiet_wakeups:.1f}/s; CPU per turn, sweeps aside: "
+                  f"{idle_turn:.0f} us steady, {trial_turn:.0f} us during the trials")
             naive_ms = statistics.median(run.naive) * 1e3
             print(f"naive way, a sweep per new RT thread: {naive_ms:.2f} ms median of "
                   f"{len(run.naive)}; this path {naive_ms / max(per_rt, 1e-3):.1f}x cheaper")
