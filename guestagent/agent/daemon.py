@@ -98,14 +98,22 @@ class Agent:
                  core.snapshot.nr_threads)
         loop.at("metrics", now if core.config.metrics["textfile_dir"] else None)
         loop.at("watchdog", now if self.notifier.watchdog_interval else None)
+        followed: dict[str, list[int]] | None = None
+        link_fd: int | None = -1  # (no fd yet)
         while not self.stopping:
             now = self.clock()
             for name, when in core.step(now).items():
                 loop.at(name, when)
-            for source, fds in core.observer.fds_by_source().items():
-                loop.follow(f"observer:{source}", fds, core.observer.handle_readable)
+            by_source = core.observer.fds_by_source()
+            if by_source is not followed:  # the same dict while the fds stay the same
+                followed = by_source
+                for source, fds in by_source.items():
+                    loop.follow(f"observer:{source}", fds, core.observer.handle_readable)
             link = core.uplink.link
-            loop.watch("link", link.fileno() if link else None, self._on_link)
+            fd = link.fileno() if link else None
+            if fd != link_fd:  # (a reopened channel on the same fd number needs nothing)
+                link_fd = fd
+                loop.watch("link", fd, self._on_link)
             fired = loop.wait()
             if "watchdog" in fired:
                 self.notifier.watchdog()

@@ -123,6 +123,9 @@ class Observer:
         self._change_credit = 0.0  # CPU seconds change-triggered snapshots may still spend
         self._credit_at: float | None = None
         self._events_gate: float | None = None  # connector not polled until then (batching)
+        self._fd_key: tuple | None = None  # what fds_by_source() was last built from
+        self._fds_by_source: dict[str, list[int]] = {}
+        self._fd_list: list[int] = []
 
     @property
     def cost(self) -> float:
@@ -147,16 +150,27 @@ class Observer:
     def fds(self) -> list[int]:
         """Readable fds to poll: the proc connector, the udev monitor, the scheduler
         watch and the exit watches, when present. The set changes after snapshots (CPU
-        hotplug, threads that matter) and while process events are batched."""
-        return [fd for fds in self.fds_by_source().values() for fd in fds]
+        hotplug, threads that matter) and while process events are batched; until it
+        does, the same list (not to be modified) is returned."""
+        self.fds_by_source()
+        return self._fd_list
 
     def fds_by_source(self) -> dict[str, list[int]]:
-        """The same fds by what they report, for a loop that counts its wake-ups so."""
+        """The same fds by what they report, for a loop that counts its wake-ups so;
+        the same dict (not to be modified) until the set changes, so that a loop
+        called at every turn re-registers nothing while nothing changed."""
         events = self._threads.fileno()
-        return {"events": [] if events is None or self._events_gate is not None else [events],
-                "cpus": [fd for fd in (self._cpus.fileno(),) if fd is not None],
+        key = (events if self._events_gate is None else None, self._cpus.fileno(),
+               self._sched_watch, self._threads.exit_fds_version)
+        if key != self._fd_key:
+            self._fd_key = key
+            self._fds_by_source = {
+                "events": [] if key[0] is None else [key[0]],
+                "cpus": [] if key[1] is None else [key[1]],
                 "sched": self._sched_watch.fds() if self._sched_watch else [],
                 "exits": self._threads.exit_fds()}
+            self._fd_list = [fd for fds in self._fds_by_source.values() for fd in fds]
+        return self._fds_by_source
 
     @property
     def events_fd(self) -> int | None:

@@ -172,6 +172,7 @@ class ThreadTable:
         self._exit_tids: dict[int, int] = {}  # pidfd -> tid
         self._exit_watch = watch  # False once the kernel refused a thread pidfd
         self.exits_watched = False  # every thread whose exit matters has a pidfd
+        self.exit_fds_version = 0  # changes whenever exit_fds() does
         self.events: ProcEventSource | None = None
         self.mode = "rescan"
         if watch:
@@ -279,12 +280,14 @@ class ThreadTable:
             return False
         self._exit_fds[tid] = fd
         self._exit_tids[fd] = tid
+        self.exit_fds_version += 1
         return True
 
     def _unwatch_exit(self, tid: int) -> None:
         fd = self._exit_fds.pop(tid, None)
         if fd is not None:
             del self._exit_tids[fd]
+            self.exit_fds_version += 1
             os.close(fd)
 
     def apply(self, events: list[ProcEvent]) -> None:
