@@ -13,7 +13,13 @@ from guestagent.errors import GuestagentError
 from guestagent.protocol.model import HintFlag, Request, SchedClass, VcpuHint
 from guestagent.protocol.region import RegionLayout, encode_guest_slot
 from guestagent.transport.region import find_ivshmem, map_file, map_ivshmem
-from guestagent.transport.seqlock import read_consistent, read_line, write_line
+from guestagent.transport.seqlock import (
+    _load_seq,
+    _store_seq,
+    read_consistent,
+    read_line,
+    write_line,
+)
 
 SLOTS = 8
 READS = 1_000_000
@@ -104,6 +110,54 @@ def test_no_torn_reads_under_a_concurrent_writer(tmp_path):
     # mid-update on this 2-core machine): a liveness figure, not a correctness one
     assert busy < READS // 10
     assert changed > 100
+
+
+def _zeroing_store(buf, offset: int, value: int) -> None:
+    """A store that shows readers a 0 first, as struct.pack_into does (it zeroes its
+    destination before it packs): the control that the reader below catches one."""
+    buf[offset:offset + 4] = bytes(4)
+    struct.pack_into("I", buf, offset, value)
+
+
+def _counter_writer(path: str, zeroing: bool, stop, started) -> None:
+    region = map_file(path)
+    store = _zeroing_store if zeroing else _store_seq
+    started.set()
+    value = 2
+    while not stop.is_set():
+        store(region.mm, 64, value)
+        value = value + 2 if value < 1 << 30 else 2
+    region.close()
+
+
+@pytest.mark.parametrize("zeroing", [False, True], ids=["store", "zeroing-control"])
+def test_a_counter_store_never_shows_readers_another_value(tmp_path, zeroing):
+    """A reader must only ever see the counters the writer stored (all even and non-zero
+    here): a transient 0 is an even counter, and two of them around a read passed a
+    torn line as consistent (CI, Python 3.9)."""
+    path = str(tmp_path / "region")
+    region = map_file(path, size=RegionLayout(SLOTS).region_size)
+    _store_seq(region.mm, 64, 2)
+    ctx = multiprocessing.get_context("fork")
+    stop, started = ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=_counter_writer, args=(path, zeroing, stop, started), daemon=True)
+    proc.start()
+    try:
+        assert started.wait(10)
+        bad = reads = 0
+        deadline = time.monotonic() + 20
+        while reads < 3_000_000 and time.monotonic() < deadline and not (zeroing and bad):
+            value = _load_seq(region.mm, 64)
+            bad += value == 0 or value & 1
+            reads += 1
+    finally:
+        stop.set()
+        proc.join(10)
+        region.close()
+    if zeroing:
+        assert bad > 0, f"no transient 0 seen in {reads} reads: the reader is too slow"
+    else:
+        assert bad == 0, f"{bad} of {reads} reads saw a counter that was never stored"
 
 
 def test_reader_gives_up_on_a_line_left_odd():

@@ -27,6 +27,8 @@ import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from guestagent.linux.words import store_word
+
 TRACEFS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 # syscall -> the argument naming the target thread (0 means the caller)
 WATCHED = {"sched_setscheduler": "pid", "sched_setattr": "pid", "sched_setparam": "pid",
@@ -169,7 +171,7 @@ class SchedWatch:
         everything = head - tail > self._size - RING_SLACK
         if not everything:
             everything = self._parse(self._copy(ring, tail, head - tail), tids, owners)
-        _U64.pack_into(ring, _DATA_TAIL, head)
+        store_word(ring, _DATA_TAIL, "Q", head)  # one store: the kernel reads it any time
         return everything
 
     def _parse(self, data: bytes, tids: set[int], owners: dict[int, int]) -> bool:

@@ -8,21 +8,23 @@ are memcpy calls, which x86's store order (TSO) keeps in program order.
 The counter itself is read and written as one aligned 4-byte access. struct's
 "<I" moves it a byte at a time, so a reader could see a mix of two counter
 values (a carry half-written) that equals the one it started from while the
-payload changed under it.
+payload changed under it. Nor is it stored with pack_into, which shows readers
+a transient 0 (guestagent.linux.words): an even counter, and two such zeros
+around a read passed a torn payload as consistent.
 """
 
 from __future__ import annotations
 
-import mmap
 import struct
 import sys
-from typing import Callable, TypeVar, Union
+from typing import Callable, TypeVar
 
-Buffer = Union[bytearray, memoryview, mmap.mmap]
+from guestagent.linux.words import Buffer, store_word
+
 T = TypeVar("T")
 
 READ_RETRIES = 64
-_NATIVE = struct.Struct("I")  # native mode: one memcpy of 4 bytes, a single load or store
+_NATIVE = struct.Struct("I")  # native mode: one memcpy of 4 bytes, a single load
 _SWAP = sys.byteorder != "little"  # the wire is little-endian
 
 
@@ -38,7 +40,7 @@ def _load_seq(buf: Buffer, offset: int) -> int:
 
 def _store_seq(buf: Buffer, offset: int, value: int) -> None:
     """Set the line's counter in one access."""
-    _NATIVE.pack_into(buf, offset, _bswap(value) if _SWAP else value)
+    store_word(buf, offset, "I", _bswap(value) if _SWAP else value)
 
 
 def write_line(buf: Buffer, offset: int, line: bytes) -> int:
