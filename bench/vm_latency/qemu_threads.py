@@ -9,6 +9,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 
+from guestagent.host.service import schedstat_ns
+
 from .timeline import MAIN_THREAD, ThreadSample
 
 # Above the static mode's FIFO 1 so its samples are on time there too, below the host's
@@ -48,15 +50,9 @@ def read_state(tid: int, name: str) -> ThreadSample | None:
         nice = os.getpriority(os.PRIO_PROCESS, tid)
     except OSError:
         return None  # the thread exited
-    return ThreadSample(time.monotonic(), tid, name, policy, priority, nice, _run_ns(tid))
-
-
-def _run_ns(tid: int) -> int | None:
-    try:
-        with open(f"/proc/{tid}/schedstat") as f:
-            return int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
+    # /proc/TID/task/TID is the thread's own entry: no need to know its process here
+    return ThreadSample(time.monotonic(), tid, name, policy, priority, nice,
+                        schedstat_ns(tid, tid))
 
 
 def accelerator(pid: int) -> str:

@@ -36,6 +36,7 @@ from guestagent.agent.report import (
 from guestagent.agent.steer import SteerState, own_cpus, plan, restores
 from guestagent.agent.uplink import Uplink
 from guestagent.errors import GuestagentError
+from guestagent.linux.procfs import format_cpulist
 from guestagent.observe import Observer, Snapshot, ThreadIdentity
 from guestagent.protocol.model import PeerState, VcpuHint, neutral_hints
 
@@ -234,8 +235,7 @@ class AgentCore:
         want = own_cpus(self.own_original, self.decision.hints, self.snapshot.cpus.online)
         if want == self.own_applied:
             return
-        self.log.info("agent runs on CPUs %s: off the vCPUs it unboosts",
-                      ",".join(map(str, sorted(want))))
+        self.log.info("agent runs on CPUs %s: off the vCPUs it unboosts", format_cpulist(want))
         try:
             tids = [int(t) for t in os.listdir("/proc/self/task")]
         except OSError as err:

@@ -27,6 +27,7 @@ import pytest
 from helpers.waiting import wait_for
 
 from guestagent.host.cgroup import CgroupFs
+from guestagent.host.service import schedstat_ns
 from testbed.libvirt import Domain, Libvirtd, iothread_tids, missing_components, vcpu_tids
 
 pytestmark = [pytest.mark.vm, pytest.mark.root]
@@ -265,14 +266,6 @@ def test_serve_finds_both_domains_refuses_rt_in_the_trap_then_grants_and_restore
         g.kill_tasks()
 
 
-def _run_s(pid: int, tid: int) -> float | None:
-    try:
-        with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-            return int(f.read().split()[0]) / 1e9
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def test_hostile_guest_stays_inside_the_caps_and_budget(world):
     """The guest asks FIFO 99 on every vCPU, one of them flapping, with both vCPUs busy:
     never more boosted vCPUs than its share nor RT threads than the host cap, the priority
@@ -309,7 +302,7 @@ def test_hostile_guest_stays_inside_the_caps_and_budget(world):
         spent = False
         first_boost: float | None = None
         rt_run = 0.0  # vCPU run time between two samples that both saw it FIFO
-        last: dict[int, tuple[bool, float | None]] = {}
+        last: dict[int, tuple[bool, int | None]] = {}
         while time.monotonic() < deadline and not (
                 spent and asked_99 == {0, 1} and first_boost is not None
                 and time.monotonic() - first_boost >= span):
@@ -322,10 +315,10 @@ def test_hostile_guest_stays_inside_the_caps_and_budget(world):
             if vcpus and first_boost is None:
                 first_boost = time.monotonic()
             for t in tids:
-                now_rt, ran = t in vcpus, _run_s(chan.pid, t)
+                now_rt, ran = t in vcpus, schedstat_ns(chan.pid, t)
                 was_rt, ran_before = last.get(t, (False, None))
                 if now_rt and was_rt and ran is not None and ran_before is not None:
-                    rt_run += ran - ran_before
+                    rt_run += (ran - ran_before) / 1e9
                 last[t] = (now_rt, ran)
             assert all(p <= 10 for _, p in rt), rt  # clamped to max_rt_priority
             vm = svc.vm(chan.name) or {}
