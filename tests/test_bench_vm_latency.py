@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -23,7 +24,13 @@ from bench.vm_latency.cyclictest import (
     smp_argv,
     summarize,
 )
-from bench.vm_latency.figures import LoadSample, WindowResult, load_rate, mode_figures
+from bench.vm_latency.figures import (
+    LoadSample,
+    WindowResult,
+    guest_busy,
+    load_rate,
+    mode_figures,
+)
 from bench.vm_latency.report import (
     RunRecord,
     delay_lines,
@@ -163,6 +170,27 @@ def test_mode_figures_pool_latency_and_take_the_median_round() -> None:
     assert none.summaries["guest"].p50 == 100 and none.summaries["guest"].p99 == 200
     assert none.guest_p99_rounds == (100, 100, 200)
     assert none.boosted == {"CPU 1/TCG": 0.25} and figs["static"].boosted == {}
+
+
+def test_guest_busy_is_each_vcpus_share_not_idle_by_the_guests_count() -> None:
+    #                user nice system idle iowait irq softirq steal
+    before = ("cpu  10 0 0 10 0 0 0 0\n"
+              "cpu0 0 100 0 50 0 0 0 0\ncpu1 5 0 5 500 10 0 0 0\nintr 5 0\n")
+    after = ("cpu  99 0 0 99 0 0 0 0\n"
+             "cpu0 0 199 1 50 0 0 0 0\ncpu1 10 0 10 580 20 0 0 0\nintr 9 0\n")
+    busy = guest_busy(before, after)
+    assert busy == pytest.approx({0: 1.0, 1: 0.1})  # vCPU 1: 10 of 100 ticks busy, iowait counts as idle
+    assert guest_busy(before, before) == {}, "no ticks passed: no figure"
+    assert guest_busy("", after) == {}
+
+
+def test_mode_figures_average_the_guest_busy_share_over_rounds() -> None:
+    windows = [replace(_window("none", r, {100: 1}, 1.0), guest_busy=busy)
+               for r, busy in enumerate(({0: 1.0, 1: 0.2}, {0: 0.8, 1: 0.4}, {1: 0.3}))]
+    figs = mode_figures(windows)
+    assert figs["none"].guest_busy == pytest.approx({1: 0.3}), "only vCPUs every round read"
+    text = host_table(figs).split("busy in the guest:")[1]
+    assert "vCPU 1" in text and "30%" in text and "vCPU 0" not in text
 
 
 # --- timeline ------------------------------------------------------------------------------

@@ -29,6 +29,28 @@ def load_rate(before: LoadSample, after: LoadSample) -> tuple[float, float]:
     return (after.work - before.work) / span, (after.cpu_s - before.cpu_s) / span
 
 
+def guest_busy(before: str, after: str) -> dict[int, float]:
+    """Each vCPU's share of a window that the guest's own /proc/stat counts as not idle
+    (idle and iowait are idle), from the file read before and after the window. With
+    the CPU each vCPU thread used on the host, it tells the guest's work from QEMU's."""
+    def per_cpu(text: str) -> dict[int, tuple[int, int]]:
+        out = {}
+        for line in text.splitlines():
+            name, *fields = line.split()
+            if name.startswith("cpu") and name[3:].isdigit() and len(fields) >= 5:
+                ticks = [int(x) for x in fields[:8]]
+                out[int(name[3:])] = (sum(ticks), ticks[3] + ticks[4])
+        return out
+
+    first, last = per_cpu(before), per_cpu(after)
+    busy = {}
+    for cpu in sorted(first.keys() & last.keys()):
+        total = last[cpu][0] - first[cpu][0]
+        if total > 0:
+            busy[cpu] = 1.0 - (last[cpu][1] - first[cpu][1]) / total
+    return busy
+
+
 @dataclass(frozen=True)
 class WindowResult:
     mode: str
@@ -39,6 +61,7 @@ class WindowResult:
     load_cpus: float
     boost_delay_s: float | None = None  # guest RT task started -> vCPU thread RT on the host
     emulator_delay_s: float | None = None  # ... -> main loop thread RT on the host
+    guest_busy: Mapping[int, float] = field(default_factory=dict)  # vCPU -> busy share
 
 
 @dataclass(frozen=True)
@@ -54,6 +77,7 @@ class ModeFigures:
     emulator_delays: tuple[float | None, ...] = ()
     boosted: Mapping[str, float] = field(default_factory=dict)  # thread -> share of time RT
     cpu: Mapping[str, float] = field(default_factory=dict)  # thread -> CPUs' worth it ran
+    guest_busy: Mapping[int, float] = field(default_factory=dict)  # vCPU -> mean busy share
 
 
 def mode_figures(windows: Sequence[WindowResult],
@@ -80,5 +104,7 @@ def mode_figures(windows: Sequence[WindowResult],
             emulator_delays=tuple(w.emulator_delay_s for w in rounds),
             boosted=dict((boosted or {}).get(mode, {})),
             cpu=dict((cpu or {}).get(mode, {})),
+            guest_busy={v: statistics.mean(w.guest_busy[v] for w in rounds)
+                        for v in sorted(set.intersection(*(set(w.guest_busy) for w in rounds)))},
         )
     return out

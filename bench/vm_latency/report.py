@@ -61,6 +61,14 @@ def host_table(figures: Mapping[str, ModeFigures]) -> str:
             cells = "  ".join(f"{fig.cpu[t]:>12.2f}" if t in fig.cpu else f"{'-':>12}"
                               for t in threads)
             lines.append(f"{mode:<11} {'':10}{cells}")
+    vcpus = sorted({v for f in figures.values() for v in f.guest_busy})
+    if vcpus:
+        lines += ["", f"{'mode':<11} busy in the guest: "
+                  + "  ".join(f"{f'vCPU {v}':>8}" for v in vcpus)]
+        for mode, fig in figures.items():
+            cells = "  ".join(f"{fig.guest_busy[v]:>7.0%} " if v in fig.guest_busy
+                              else f"{'-':>8}" for v in vcpus)
+            lines.append(f"{mode:<11} {'':19}{cells}")
     return "\n".join(lines)
 
 
@@ -226,7 +234,10 @@ starting one mode later:
   QEMU thread spent at an RT policy, from its policy sampled every 20 ms (the timeline in
   the plot); *CPU used* is the run time each thread got over the mode's measured time
   (from /proc schedstat at the same samples), boosted or not: a thread keeps its boost
-  under `guestagent` only while this stays within the budget's share; the boost delay runs from the guest's command server reporting cyclictest
+  under `guestagent` only while this stays within the budget's share; *busy in the guest*
+  is the share of each vCPU's time that the guest's own /proc/stat, read before and after
+  each window, counts as not idle: a vCPU thread whose *CPU used* is well above it spends
+  the difference in QEMU, not in guest code; the boost delay runs from the guest's command server reporting cyclictest
   started (host clock) to the host seeing the vCPU thread RT, polled every 1 ms.
 - **Targets**: ratios of this run. Where a target is out of reach on this machine, the
   line says what the best reference mode gives in guestagent's place (the better of

@@ -45,7 +45,12 @@ from bench.vm_latency.cyclictest import (  # noqa: E402
     pinned_argv,
     smp_argv,
 )
-from bench.vm_latency.figures import WindowResult, load_rate, mode_figures  # noqa: E402
+from bench.vm_latency.figures import (  # noqa: E402
+    WindowResult,
+    guest_busy,
+    load_rate,
+    mode_figures,
+)
 from bench.vm_latency.hostload import HostLoad, LoadError  # noqa: E402
 from bench.vm_latency.targets import reference_lines, target_lines  # noqa: E402
 from bench.vm_latency.timeline import (  # noqa: E402
@@ -150,6 +155,7 @@ class Bench:
         secs, hist_us, work = self.args.seconds, self.args.hist_us, self.vm.workdir
         files = {side: work / f"{side}-{mode}-{round_}.hist"
                  for side in ("guest", "host_rt", "host_other")}
+        stat_before = self.guest_stat()  # before the cyclictests: they start together
         host = {side: subprocess.Popen(smp_argv(secs, prio, hist_us, str(files[side])),
                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                        text=True)
@@ -181,6 +187,7 @@ class Bench:
             raise BenchError(f"guest cyclictest still running {secs + 120} s into a "
                              f"{secs} s window")
         errors["guest"] = guest.stderr
+        stat_after = self.guest_stat()
         hists: dict[str, Histogram] = {}
         for side, path in files.items():
             try:
@@ -204,8 +211,17 @@ class Bench:
         vcpu_name = qemu_threads.qemu_tasks(self.vm.qemu_pid).get(
             self.vcpus[GUEST_RT_VCPU], "")
         result = WindowResult(mode, round_, after.t - before.t, hists, work_per_s, cpus,
-                              delay("vcpu", vcpu_name), delay("main", MAIN_THREAD))
+                              delay("vcpu", vcpu_name), delay("main", MAIN_THREAD),
+                              guest_busy(stat_before, stat_after))
         return result, window
+
+    def guest_stat(self) -> str:
+        """The guest's /proc/stat, or "" (then the window has no busy figure) if unread."""
+        try:
+            return self.vm.run(["cat", "/proc/stat"], timeout=SPAWN_TIMEOUT).stdout
+        except VMError as e:
+            log(f"the guest's /proc/stat is unread: {e}")
+            return ""
 
 
 # --- the run ---------------------------------------------------------------------------
