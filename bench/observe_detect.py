@@ -96,8 +96,9 @@ def trial_process(trials: int, max_pause: float, seen_r: int, out_w: int) -> Non
             if left <= 0 or not select.select([seen_r], [], [], left)[0]:
                 break
             chunk = os.read(seen_r, 4096)
-            if not chunk:
-                break
+            if not chunk:  # the loop is gone: no more trials
+                stop.set()
+                os._exit(1)
             buf += chunk
     stop.set()
     os.write(out_w, ("\n".join(reports) + "\n").encode())
@@ -208,6 +209,8 @@ def measure(trials: int, budget: float, floor: float, max_pause: float, quiet: f
             wall0, cpu0 = time.monotonic(), time.thread_time()
             pid = os.fork()
             if pid == 0:
+                os.close(seen_w)  # so that the loop's end is an EOF here
+                os.close(out_r)
                 trial_process(trials, max_pause, seen_r, out_w)
             os.close(out_w)
             out_w = -1
