@@ -6,6 +6,8 @@ import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from guestagent.linux.procfs import CpuTimes
+
 from .cyclictest import Histogram, Summary, merge, summarize
 
 # The three cyclictests of a window: the latency guest's, and the host's own two.
@@ -29,25 +31,16 @@ def load_rate(before: LoadSample, after: LoadSample) -> tuple[float, float]:
     return (after.work - before.work) / span, (after.cpu_s - before.cpu_s) / span
 
 
-def guest_busy(before: str, after: str) -> dict[int, float]:
+def guest_busy(before: Mapping[int, CpuTimes], after: Mapping[int, CpuTimes]
+               ) -> dict[int, float]:
     """Each vCPU's share of a window that the guest's own /proc/stat counts as not idle
     (idle and iowait are idle), from the file read before and after the window. With
     the CPU each vCPU thread used on the host, it tells the guest's work from QEMU's."""
-    def per_cpu(text: str) -> dict[int, tuple[int, int]]:
-        out = {}
-        for line in text.splitlines():
-            name, *fields = line.split()
-            if name.startswith("cpu") and name[3:].isdigit() and len(fields) >= 5:
-                ticks = [int(x) for x in fields[:8]]
-                out[int(name[3:])] = (sum(ticks), ticks[3] + ticks[4])
-        return out
-
-    first, last = per_cpu(before), per_cpu(after)
     busy = {}
-    for cpu in sorted(first.keys() & last.keys()):
-        total = last[cpu][0] - first[cpu][0]
+    for cpu in sorted(before.keys() & after.keys()):
+        total = after[cpu].total - before[cpu].total
         if total > 0:
-            busy[cpu] = 1.0 - (last[cpu][1] - first[cpu][1]) / total
+            busy[cpu] = 1.0 - (after[cpu].idle - before[cpu].idle) / total
     return busy
 
 

@@ -62,6 +62,7 @@ from bench.vm_latency.timeline import (  # noqa: E402
     segments,
 )
 from guestagent.errors import GuestagentError  # noqa: E402
+from guestagent.linux.procfs import CpuTimes, ParseError, parse_proc_stat_times  # noqa: E402
 from testbed.vm import GuestConfig, GuestVM, VMError, missing_components  # noqa: E402
 
 MODES = report.MODES
@@ -215,13 +216,14 @@ class Bench:
                               guest_busy(stat_before, stat_after))
         return result, window
 
-    def guest_stat(self) -> str:
-        """The guest's /proc/stat, or "" (then the window has no busy figure) if unread."""
+    def guest_stat(self) -> dict[int, CpuTimes]:
+        """The guest's /proc/stat per vCPU, or {} (then the window has no busy figure)."""
         try:
-            return self.vm.run(["cat", "/proc/stat"], timeout=SPAWN_TIMEOUT).stdout
-        except VMError as e:
-            log(f"the guest's /proc/stat is unread: {e}")
-            return ""
+            return parse_proc_stat_times(
+                self.vm.run(["cat", "/proc/stat"], timeout=SPAWN_TIMEOUT).stdout)
+        except (VMError, ParseError) as e:
+            log(f"the guest's /proc/stat is unread: {hostservice.printable(str(e))}")
+            return {}
 
 
 # --- the run ---------------------------------------------------------------------------
