@@ -69,17 +69,14 @@ def trial_process(trials: int, max_pause: float, seen_r: int, out_w: int) -> Non
     loop has said, on ``seen_r``, that it saw the thread. Writes 'tid t0' per trial
     to ``out_w`` when all are done (nothing for the loop to read meanwhile), then
     closes it."""
-    reports: list[str] = []
+    reports: list[tuple[int, float]] = []  # (tid, t0) of each trial's thread
     stop = threading.Event()
-    born: list[int] = []
     started = threading.Semaphore(0)
 
     def body(gate: threading.Event) -> None:
         t0 = time.monotonic()
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
-        tid = threading.get_native_id()
-        reports.append(f"{tid} {t0!r}")
-        born.append(tid)
+        reports.append((threading.get_native_id(), t0))
         started.release()
         gate.wait(30)
 
@@ -89,7 +86,7 @@ def trial_process(trials: int, max_pause: float, seen_r: int, out_w: int) -> Non
         stop = threading.Event()
         threading.Thread(target=body, args=(stop,), daemon=True).start()
         started.acquire()
-        want, buf = str(born[-1]).encode(), b""
+        want, buf = str(reports[-1][0]).encode(), b""
         give_up = time.monotonic() + MISS_AFTER
         while want not in buf.split(b"\n"):  # until the loop saw it, or it is missed
             left = give_up - time.monotonic()
@@ -101,7 +98,7 @@ def trial_process(trials: int, max_pause: float, seen_r: int, out_w: int) -> Non
                 os._exit(1)
             buf += chunk
     stop.set()
-    os.write(out_w, ("\n".join(reports) + "\n").encode())
+    os.write(out_w, "".join(f"{tid} {t0!r}\n" for tid, t0 in reports).encode())
     os._exit(0)
 
 
