@@ -8,7 +8,7 @@ import threading
 import time
 
 import pytest
-from helpers.threads import Sleeper
+from helpers.threads import Sleeper, real_time_parent, syscalls_only_tracefs
 
 from guestagent.observe.schedwatch import SchedWatch
 
@@ -88,6 +88,42 @@ def test_unrelated_syscalls_are_not_recorded(watch):
     tid, _, changes = changes_after(
         watch, lambda: os.getpriority(os.PRIO_PROCESS, 0), timeout=0.3)
     assert tid not in changes.tids
+
+
+def test_a_thread_born_real_time_is_named(watch):
+    # It calls nothing: the scheduler's first wake-up of a real-time newborn names it.
+    assert watch.newborns, "sched:sched_wakeup_new with a prio filter should open"
+    with real_time_parent(6) as parent:
+        watch.read()  # the parent's own policy change
+        poller = select.poll()
+        for fd in watch.fds():
+            poller.register(fd, select.POLLIN)
+        child = parent.spawn()
+        try:
+            assert poller.poll(2000), "no wake-up"
+            time.sleep(0.05)  # let every CPU's ring take its records
+            changes = watch.read()
+            assert child.tid in changes.tids and not changes.everything
+            assert child.tid not in changes.owners, "a newborn's process is not known"
+        finally:
+            child.end()
+
+
+def test_a_thread_born_with_no_real_time_policy_is_not_recorded(watch):
+    # changes_after starts a thread that does nothing: a birth the kernel's filter drops
+    tid, _, changes = changes_after(watch, lambda: None, timeout=0.3)
+    assert tid not in changes.tids
+
+
+def test_without_the_newborn_tracepoint_changes_are_still_named(tracefs, tmp_path):
+    w = SchedWatch(os.sched_getaffinity(0), roots=[syscalls_only_tracefs(tracefs, tmp_path)])
+    try:
+        assert not w.newborns, "births are left to the caller"
+        tid, latency, changes = changes_after(
+            w, lambda: os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(3)))
+        assert latency is not None and tid in changes.tids
+    finally:
+        w.close()
 
 
 def test_nothing_changed_reads_empty(watch):

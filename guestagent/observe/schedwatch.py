@@ -4,13 +4,16 @@ Nothing in /proc or the proc connector says that a thread called
 sched_setscheduler(2); without this, only the next sweep notices. With it, the
 agent learns within milliseconds which threads' policy, priority, nice level
 or affinity was set, re-reads just those, and periodic sweeps become a
-backstop.
+backstop. A thread born real-time (from a real-time parent, without a call
+of its own) is named too: the scheduler's first wake-up of a new task
+(``sched:sched_wakeup_new``), filtered in the kernel to real-time priorities,
+so other work's births cost nothing here.
 
 Per CPU (system-wide perf events are per CPU), one small ring buffer takes
-two kinds of samples: the *entry* of each watched syscall, whose raw
-arguments name the target thread, and its *exit*, which wakes the poller once
-the new settings are in place. Needs CAP_PERFMON (or CAP_SYS_ADMIN) and
-tracefs; where either is missing, ``SchedWatch`` raises OSError and the agent
+three kinds of samples: the *entry* of each watched syscall, whose raw
+arguments name the target thread; its *exit*, which wakes the poller once
+the new settings are in place; and the real-time births, which wake it too.
+Needs CAP_PERFMON (or CAP_SYS_ADMIN) and tracefs; where either is missing, ``SchedWatch`` raises OSError and the agent
 says so once. Everything read from the ring is bounded and checked: a record
 that does not parse means "something changed, sweep".
 """
@@ -40,7 +43,12 @@ PERF_TYPE_TRACEPOINT = 2
 PERF_SAMPLE_TID, PERF_SAMPLE_RAW = 1 << 1, 1 << 10
 PERF_RECORD_LOST, PERF_RECORD_SAMPLE = 2, 9
 PERF_FLAG_FD_CLOEXEC = 1 << 3
-PERF_EVENT_IOC_SET_OUTPUT = 0x2405
+PERF_EVENT_IOC_ENABLE, PERF_EVENT_IOC_DISABLE, PERF_EVENT_IOC_SET_OUTPUT = 0x2400, 0x2401, 0x2405
+ATTR_DISABLED = 1  # perf_event_attr's first flag bit: open stopped, enable once set up
+# _IOW('$', 6, char *): powerpc puts the write direction in another bit
+PERF_EVENT_IOC_SET_FILTER = 0x80082406 if os.uname().machine.startswith("ppc") else 0x40082406
+# the kernel's prio of a new task: 0..99 real-time, -1 deadline, 100..139 the nice levels
+NEWBORN = ("sched", "sched_wakeup_new", b"prio < 100")
 # perf_event_attr, PERF_ATTR_SIZE_VER0 (64 bytes): type, size, config,
 # sample_period, sample_type, read_format, flag bits, wakeup_events, bp_type, config1.
 _ATTR = struct.Struct("=IIQQQQQIIQ")
@@ -58,17 +66,18 @@ class Tracepoint:
     offsets: dict  # field name -> byte offset in the raw record
 
 
-def read_tracepoint(name: str, roots: Iterable[str] = TRACEFS) -> Tracepoint:
-    """A syscalls/<name> tracepoint's id and field offsets, from tracefs.
+def read_tracepoint(name: str, roots: Iterable[str] = TRACEFS,
+                    group: str = "syscalls") -> Tracepoint:
+    """A <group>/<name> tracepoint's id and field offsets, from tracefs.
 
     OSError names why not: permission denied where a root is there but closed
     to this user (tracefs is root-only by default), else not found."""
     denied = ""
     for root in roots:
         try:
-            with open(f"{root}/events/syscalls/{name}/id") as f:
+            with open(f"{root}/events/{group}/{name}/id") as f:
                 tp_id = int(f.read())
-            with open(f"{root}/events/syscalls/{name}/format") as f:
+            with open(f"{root}/events/{group}/{name}/format") as f:
                 fmt = f.read()
         except PermissionError:
             denied = denied or root
@@ -80,14 +89,15 @@ def read_tracepoint(name: str, roots: Iterable[str] = TRACEFS) -> Tracepoint:
         return Tracepoint(tp_id, offsets)
     if denied:
         raise OSError(errno.EACCES, f"tracefs at {denied}: permission denied (needs root)")
-    raise OSError(errno.ENOENT, f"tracepoint syscalls/{name} not found (is tracefs mounted?)")
+    raise OSError(errno.ENOENT, f"tracepoint {group}/{name} not found (is tracefs mounted?)")
 
 
 @dataclass(frozen=True)
 class Changes:
     tids: frozenset[int]  # threads whose scheduling was set
     everything: bool  # some change could not be pinned to threads: sweep them all
-    # tid -> tgid of the threads that set their own scheduling (the caller is known)
+    # tid -> tgid of the threads that set their own scheduling (the caller is known);
+    # a thread born real-time has none (a new thread and a new process look alike)
     owners: Mapping[int, int] = field(default_factory=dict)
 
 
@@ -98,7 +108,9 @@ def _int_arg(raw: bytes, offset: int) -> int:
 
 
 class SchedWatch:
-    """Per-CPU ring buffers of watched syscalls; readable once one has returned."""
+    """Per-CPU ring buffers of watched syscalls; readable once one has returned or a
+    real-time thread was born. ``newborns`` says whether births are watched (a
+    kernel that refuses the tracepoint or its filter leaves them to the caller)."""
 
     def __init__(self, cpus: Iterable[int], roots: Iterable[str] = TRACEFS) -> None:
         nr = _NR_PERF_EVENT_OPEN.get(os.uname().machine)
@@ -113,8 +125,16 @@ class SchedWatch:
             enter = read_tracepoint(f"sys_enter_{call}", roots)
             self._entries[enter.id] = (enter.offsets[arg], enter.offsets.get("which", -1))
             exits.append(read_tracepoint(f"sys_exit_{call}", roots).id)
+        try:
+            newborn: Tracepoint | None = read_tracepoint(NEWBORN[1], roots, NEWBORN[0])
+        except OSError:
+            newborn = None
+        self._newborn_id, self._newborn_at = (newborn.id, newborn.offsets["pid"]) \
+            if newborn is not None and "pid" in newborn.offsets else (-1, 0)
+        self.newborns = self._newborn_id >= 0
         self.cpus = frozenset(cpus)
         self._fds: list[int] = []
+        self._newborn_fds: list[int] = []
         self._rings: dict[int, mmap.mmap] = {}  # leader fd -> its ring buffer
         self._size = DATA_PAGES * mmap.PAGESIZE
         try:
@@ -130,16 +150,37 @@ class SchedWatch:
                                                     mmap.PROT_READ | mmap.PROT_WRITE)
                     else:
                         fcntl.ioctl(fd, PERF_EVENT_IOC_SET_OUTPUT, leader)
+                if self.newborns and leader is not None:
+                    self.newborns = self._watch_newborns(cpu, leader)
         except BaseException:
             self.close()
             raise
         self.wakeups = 0
         self.lost = 0
 
-    def _open(self, config: int, cpu: int, wakeup_events: int) -> int:
+    def _watch_newborns(self, cpu: int, leader: int) -> bool:
+        """Add real-time births on ``cpu`` to its ring; False where the kernel refuses
+        (then no CPU watches them: the caller reads births from elsewhere)."""
+        fd = -1
+        try:  # filtered before it records anything: other births never reach the ring
+            fd = self._open(self._newborn_id, cpu, 1, ATTR_DISABLED)
+            fcntl.ioctl(fd, PERF_EVENT_IOC_SET_FILTER, NEWBORN[2] + b"\0")
+            fcntl.ioctl(fd, PERF_EVENT_IOC_SET_OUTPUT, leader)
+            fcntl.ioctl(fd, PERF_EVENT_IOC_ENABLE, 0)
+        except OSError:
+            if fd >= 0:
+                self._fds.remove(fd)
+                os.close(fd)
+            for other in self._newborn_fds:
+                fcntl.ioctl(other, PERF_EVENT_IOC_DISABLE, 0)
+            return False
+        self._newborn_fds.append(fd)
+        return True
+
+    def _open(self, config: int, cpu: int, wakeup_events: int, flags: int = 0) -> int:
         attr = ctypes.create_string_buffer(_ATTR.pack(
             PERF_TYPE_TRACEPOINT, _ATTR.size, config, 1, PERF_SAMPLE_TID | PERF_SAMPLE_RAW,
-            0, 0, wakeup_events, 0, 0), _ATTR.size)
+            0, flags, wakeup_events, 0, 0), _ATTR.size)
         fd = self._libc.syscall(self._nr, attr, -1, cpu, -1, PERF_FLAG_FD_CLOEXEC)
         if fd < 0:
             err = ctypes.get_errno()
@@ -207,7 +248,17 @@ class SchedWatch:
         raw = body[_SAMPLE.size:_SAMPLE.size + raw_size]
         if len(raw) < 2:
             return True
-        entry = self._entries.get(int.from_bytes(raw[:2], "little"))
+        kind = int.from_bytes(raw[:2], "little")
+        if kind == self._newborn_id:  # the kernel's filter let only real-time births in
+            if len(raw) < self._newborn_at + 4:
+                return True
+            child = int.from_bytes(raw[self._newborn_at:self._newborn_at + 4], "little",
+                                   signed=True)
+            if child <= 0:
+                return True
+            tids.add(child)
+            return False
+        entry = self._entries.get(kind)
         if entry is None:
             return False  # an exit: its entry, in this ring or another, names the target
         target_at, which_at = entry

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import queue
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -96,3 +97,59 @@ class Sleeper:
     def end(self) -> None:
         self.stop.set()
         self.thread.join()
+
+
+class RealTimeParent:
+    """A SCHED_FIFO thread that starts children on request. They are born FIFO
+    (pthread_create inherits the policy) and make no scheduling call of their own."""
+
+    def __init__(self, priority: int) -> None:
+        self._requests: queue.Queue = queue.Queue()
+        self._children: queue.Queue = queue.Queue()
+        self._priority = priority
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(self._priority))
+        except OSError as err:
+            self._children.put(err)
+            return
+        while self._requests.get():
+            self._children.put(Sleeper())
+
+    def spawn(self) -> Sleeper:
+        self._requests.put(True)
+        child = self._children.get(timeout=10)
+        if isinstance(child, BaseException):
+            raise child
+        assert os.sched_getscheduler(child.tid) == os.SCHED_FIFO, "born FIFO"
+        return child
+
+    def end(self) -> None:
+        self._requests.put(False)
+        self._thread.join(10)
+
+
+@contextmanager
+def real_time_parent(priority: int) -> Iterator[RealTimeParent]:
+    parent = RealTimeParent(priority)
+    try:
+        yield parent
+    finally:
+        parent.end()
+
+
+def syscalls_only_tracefs(real_root: str, into) -> str:
+    """A copy of the watched syscalls' tracepoints from ``real_root`` (their real ids)
+    and nothing else: tracefs as a kernel without the newborn tracepoint shows it."""
+    from guestagent.observe.schedwatch import WATCHED
+    for call in WATCHED:
+        for name in (f"sys_enter_{call}", f"sys_exit_{call}"):
+            point = into / "events" / "syscalls" / name
+            point.mkdir(parents=True)
+            for part in ("id", "format"):
+                with open(f"{real_root}/events/syscalls/{name}/{part}") as f:
+                    (point / part).write_text(f.read())
+    return str(into)
