@@ -9,11 +9,12 @@ import threading
 import time
 
 import pytest
-from helpers.threads import Sleeper, sched_thread
+from helpers.threads import Sleeper, real_time_parent, sched_thread, syscalls_only_tracefs
 
 from guestagent.observe import EVENT_BATCH, Observer
 from guestagent.observe.events import ProcEvent
 from guestagent.observe.kernel import LiveKernel
+from guestagent.observe.schedwatch import SchedWatch
 from guestagent.observe.threads import ThreadTable
 
 pytestmark = pytest.mark.root
@@ -156,6 +157,44 @@ def test_a_newborn_that_sets_its_own_policy_is_shown_while_its_fork_event_waits(
             assert snap is not None and find(snap, newborn.tid).rt_priority == 8
 
 
+def open_batch(observer: Observer) -> None:
+    """With a real-time thread watched, read a birth and a death: the connector closes."""
+    pump(observer, 0.2)
+    observer.snapshot(time.monotonic(), full=False)
+    assert observer.batching
+    Sleeper().end()
+    observer.handle_readable(observer.events_fd)
+    assert observer.events_fd not in observer.fds(), "the batch is open"
+
+
+def test_a_thread_born_real_time_is_shown_while_its_fork_event_waits(observer):
+    # It calls nothing the syscall wake-ups see; pump() never ends the batch, so only
+    # the newborn wake-up can show it (and the refresh then reads its fork event).
+    with sched_thread(os.SCHED_FIFO, 9), real_time_parent(7) as parent:
+        open_batch(observer)
+        child = parent.spawn()
+        try:
+            snap = pump(observer, 10.0)
+            while snap is not None and find(snap, child.tid) is None:
+                snap = pump(observer, 10.0)  # other work's changes first, if any
+            assert snap is not None and find(snap, child.tid).rt_priority == 7
+        finally:
+            child.end()
+
+
+def test_a_sweep_reads_the_batch_and_starts_the_next(observer):
+    with sched_thread(os.SCHED_FIFO, 9):
+        open_batch(observer)
+        Sleeper().end()  # queued for the sweep
+        swept_at = time.monotonic()
+        observer.snapshot(swept_at, full=False)
+        observer.check_changes(time.monotonic())  # the newborns' one look, now due
+        assert observer.events_fd not in observer.fds(), "still batching"
+        due = observer.deadline()
+        assert due is not None and due >= swept_at + EVENT_BATCH, \
+            "the batch ends EVENT_BATCH after the sweep that read it, not after the read before"
+
+
 def test_only_a_thread_that_named_its_own_process_is_adopted():
     table = ThreadTable(LiveKernel(), watch=False)
     try:
@@ -179,6 +218,28 @@ class KernelWithoutThreadPidfds(LiveKernel):
 
 def test_without_thread_pidfds_events_are_read_at_once(tracefs):  # noqa: F811
     with Observer(kernel=KernelWithoutThreadPidfds()) as obs, sched_thread(os.SCHED_FIFO, 9):
+        obs.snapshot(time.monotonic())
+        assert obs.changes_watched and not obs.batching
+        Sleeper().end()
+        obs.handle_readable(obs.events_fd)
+        assert obs.events_fd in obs.fds(), "no batch: the connector stays polled"
+
+
+class KernelWithoutNewbornWatch(LiveKernel):
+    """A kernel whose tracefs lacks sched:sched_wakeup_new: births stay unnamed."""
+
+    def __init__(self, roots: list[str]) -> None:
+        super().__init__()
+        self.roots = roots
+
+    def sched_watch(self, cpus: frozenset[int]) -> SchedWatch:
+        return SchedWatch(cpus, roots=self.roots)
+
+
+def test_without_the_newborn_watch_events_are_read_at_once(tracefs, tmp_path):  # noqa: F811
+    # a thread born real-time would otherwise wait for the batch
+    kernel = KernelWithoutNewbornWatch([syscalls_only_tracefs(tracefs, tmp_path)])
+    with Observer(kernel=kernel) as obs, sched_thread(os.SCHED_FIFO, 9):
         obs.snapshot(time.monotonic())
         assert obs.changes_watched and not obs.batching
         Sleeper().end()

@@ -27,15 +27,17 @@ sweeps are paced by a token bucket, so a storm of them cannot make the agent
 spin.
 
 Batched process events: other work's forks and exits would wake the agent a few
-dozen times a second for nothing. When scheduler-change wake-ups work and every
-thread whose exit matters has a pidfd of its own (``threads.py``), a read of
-the connector closes it for ``EVENT_BATCH``: what queues meanwhile is read when
-the batch ends (``deadline()``), or at once when a scheduler change names a
-thread the table cannot place (``ThreadTable.adopt``: a thread that set its own
-scheduling is placed in the process the change names), or a sweep is due. A
-watched thread's exit needs no read: its pidfd names it. What waits for the
-batch is what the connector alone reports: a thread born real-time from a
-real-time parent, and a new name or image for config rules.
+dozen times a second for nothing. When scheduler-change wake-ups work (with
+real-time births among them) and every thread whose exit matters has a pidfd of
+its own (``threads.py``), a read of the connector closes it for ``EVENT_BATCH``:
+what queues meanwhile is read by the next sweep, which starts a new batch, or
+when the batch ends (``deadline()``) if no sweep came first, or at once when a
+scheduler change names a thread the table cannot place (``ThreadTable.adopt``:
+a thread that set its own scheduling is placed in the process the change names;
+a thread born real-time, in the one its fork event names). A watched thread's
+exit needs no read: its pidfd names it. What waits for the batch is what the
+connector alone reports: the births and exits of threads that do not matter,
+and a new name or image for config rules, which sweeps apply anyway.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ from guestagent.observe.young import WATCHED_YOUNG_CHECKS
 CHANGE_SWEEP_SHARE = 0.05
 CHANGE_SWEEP_BURST = 4
 MAX_TARGETS = 512  # more threads changed at once than this: a sweep is cheaper
-EVENT_BATCH = 0.25  # s: process events of other work are read at most this often
+EVENT_BATCH = 1.0  # s: process events of other work are read at most this often
 COST_SMOOTHING = 0.25  # weight of the newest snapshot in the average cost
 
 __all__ = [
@@ -180,7 +182,8 @@ class Observer:
     @property
     def batching(self) -> bool:
         """Whether process events are read in batches (see the module docstring)."""
-        return self._sched_watch is not None and self._threads.exits_watched
+        return self._sched_watch is not None and self._sched_watch.newborns and \
+            self._threads.exits_watched
 
     def handle_readable(self, fd: int) -> None:
         """Consume what is queued on ``fd``; never blocks."""
@@ -262,9 +265,7 @@ class Observer:
         come back.
         """
         if self._events_gate is not None and now >= self._events_gate:
-            # the batch is over: read it; keep batching while other work keeps forking
-            read = self._threads.handle_readable()
-            self._events_gate = now + EVENT_BATCH if read and self.batching else None
+            self._read_batch(now)
             now = max(now, time.monotonic())  # newborns just read are due for their look
         self._targets.update(self._threads.check_young(now))
         if self._changed and now >= self._release():
@@ -273,6 +274,11 @@ class Observer:
             self._credit_at = now
             return True
         return False
+
+    def _read_batch(self, now: float) -> None:
+        """Read the batched events; keep batching while other work keeps forking."""
+        read = self._threads.handle_readable()
+        self._events_gate = now + EVENT_BATCH if read and self.batching else None
 
     def _credit(self, now: float) -> float:
         if self._credit_at is None:
@@ -292,7 +298,7 @@ class Observer:
         last = self._last_full
         full = full or last is None
         if self._events_gate is not None:
-            self._threads.handle_readable()  # the sweep knows every thread born so far
+            self._read_batch(now)  # the sweep knows every thread born so far
         threads, thread_notes = self._threads.sweep(full)
         if full:
             irqs, irq_notes = self._irqs.sweep(now, threads)

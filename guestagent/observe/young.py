@@ -23,9 +23,9 @@ YOUNG_CAP = 4096
 # storm costs at most 1/YOUNG_COALESCE wake-ups per second
 YOUNG_COALESCE = 0.005
 # With scheduler-change wake-ups, a thread that sets its policy after birth is
-# named by its syscall: the newborn only needs one look, when its fork event is
-# read (a thread born real-time, from a real-time parent, calls nothing), and
-# that look costs no wake-up of its own.
+# named by its syscall, and one born real-time by its first wake-up (where the
+# kernel has that tracepoint): the newborn only needs one look, when its fork
+# event is read, as a backstop that costs no wake-up of its own.
 WATCHED_YOUNG_CHECKS = (0.0,)
 
 
