@@ -13,7 +13,10 @@ fall at every phase of the sweep timer) that starts when the loop says it saw
 the last one; the helper keeps its own time and reports its threads only at
 the end, so that the observing loop wakes only for what an agent would. The
 thread takes CLOCK_MONOTONIC (shared by all processes) and then calls
-sched_setscheduler(FIFO). The latency
+sched_setscheduler(FIFO); with --born-rt the helper runs FIFO itself and takes
+the clock just before it starts a thread, which is born FIFO and calls nothing
+(what only the real-time birth wake-up, or the process connector, can show).
+The latency
 is from that clock reading to the end of the first snapshot that lists the
 thread as FIFO. The CPU figures are the CPU time of the whole observing loop
 (events, young checks, sweeps) over wall time: "steady" for --quiet-s seconds
@@ -31,7 +34,7 @@ switch back, a cold interpreter) before the observer does any work; and what a
 turn costs on average, its sweep aside, at steady state and during the trials.
 Targets: p99 <= 50 ms with 1,000 threads, <= 10 ms with 10,000; agent CPU at
 most 0.5 % of one CPU at steady state, at most 0.5 ms of CPU per new RT thread.
-Run as root: python3 bench/observe_detect.py [--threads 1000,10000] [--trials 200]
+Run as root: python3 bench/observe_detect.py [--threads 1000,10000] [--trials 200] [--born-rt]
 """
 
 from __future__ import annotations
@@ -61,30 +64,36 @@ FULL_INTERVAL = 1.0  # as the daemon
 MISS_AFTER = 30.0  # s: a trial not seen by then is counted missed
 
 
-def trial_process(trials: int, max_pause: float, seen_r: int, out_w: int) -> None:
+def trial_process(trials: int, max_pause: float, seen_r: int, out_w: int,
+                  inherit: bool) -> None:
     """Child: runs the trials on its own clock, so that the observing loop wakes only
     for what an agent would. Each trial, after a random pause (so trials fall at
     every phase of the sweep timer), ends the previous thread and starts one that
-    takes CLOCK_MONOTONIC and goes FIFO at once; the next pause starts once the
-    loop has said, on ``seen_r``, that it saw the thread. Writes 'tid t0' per trial
-    to ``out_w`` when all are done (nothing for the loop to read meanwhile), then
-    closes it."""
+    takes CLOCK_MONOTONIC and goes FIFO at once (``inherit``: this process runs
+    FIFO, takes the clock and starts a thread that is born FIFO); the next pause
+    starts once the loop has said, on ``seen_r``, that it saw the thread. Writes
+    'tid t0' per trial to ``out_w`` when all are done (nothing for the loop to
+    read meanwhile), then closes it."""
     reports: list[tuple[int, float]] = []  # (tid, t0) of each trial's thread
     stop = threading.Event()
     started = threading.Semaphore(0)
 
-    def body(gate: threading.Event) -> None:
-        t0 = time.monotonic()
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
+    def body(gate: threading.Event, born: float | None) -> None:
+        t0 = time.monotonic() if born is None else born
+        if born is None:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
         reports.append((threading.get_native_id(), t0))
         started.release()
         gate.wait(30)
 
+    if inherit:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
     for _ in range(trials):
         time.sleep(random.uniform(0, max_pause))
         stop.set()
         stop = threading.Event()
-        threading.Thread(target=body, args=(stop,), daemon=True).start()
+        born = time.monotonic() if inherit else None
+        threading.Thread(target=body, args=(stop, born), daemon=True).start()
         started.acquire()
         want, buf = str(reports[-1][0]).encode(), b""
         give_up = time.monotonic() + MISS_AFTER
@@ -184,7 +193,7 @@ class AgentLoop:
 
 
 def measure(trials: int, budget: float, floor: float, max_pause: float, quiet: float,
-            naive: int) -> Run:
+            naive: int, inherit: bool = False) -> Run:
     seen_r, seen_w = os.pipe()
     out_r, out_w = os.pipe()
     pid = None
@@ -208,7 +217,7 @@ def measure(trials: int, budget: float, floor: float, max_pause: float, quiet: f
             if pid == 0:
                 os.close(seen_w)  # so that the loop's end is an EOF here
                 os.close(out_r)
-                trial_process(trials, max_pause, seen_r, out_w)
+                trial_process(trials, max_pause, seen_r, out_w, inherit)
             os.close(out_w)
             out_w = -1
             while not loop.step(None):  # until the trials' report arrives, once
@@ -252,6 +261,8 @@ def main() -> int:
                     help="seconds of the loop alone, for the steady CPU figure")
     ap.add_argument("--max-pause-ms", type=float, default=300.0,
                     help="trials start after a random pause up to this long")
+    ap.add_argument("--born-rt", action="store_true",
+                    help="threads born FIFO from a FIFO parent, instead of setting FIFO")
     ap.add_argument("--naive", type=int, default=20,
                     help="sweeps timed after the trials, for the naive way's figure")
     args = ap.parse_args()
@@ -265,7 +276,8 @@ def main() -> int:
             with live_threads(total):
                 live = count_threads()
                 run = measure(args.trials, args.budget / 100, args.floor_ms / 1000,
-                              args.max_pause_ms / 1000, args.quiet_s, max(1, args.naive))
+                              args.max_pause_ms / 1000, args.quiet_s, max(1, args.naive),
+                              args.born_rt)
             ms = [x * 1e3 for x in run.latencies]
             if not ms:
                 print(f"\n== {total} extra threads: no trial's thread was seen as FIFO ==")
@@ -282,8 +294,10 @@ def main() -> int:
             periodic = sum(run.costs) - run.young_cpu  # sweeps the budget schedules anyway
             per_rt = max(0.0, (run.cpu - periodic)
                          - (steady - run.quiet_sweep_cpu) * run.wall) / max(1, len(ms)) * 1e3
+            how = "born FIFO from a FIFO parent" if args.born_rt else "set FIFO after start"
             print(f"\n== {total} extra threads ({live} live), budget {args.budget:g} % of a CPU, "
-                  f"thread tracking: {run.mode}, load average {load:.2f} before ==")
+                  f"thread tracking: {run.mode}, trial threads {how}, "
+                  f"load average {load:.2f} before ==")
             print(f"detection over {len(ms)} trials: p50 {percentile(ms, 50):.1f} ms, "
                   f"p99 {p99:.1f} ms, max {max(ms):.1f} ms{verdict}")
             print(f"observer CPU: steady {steady:.2%} of one CPU "
