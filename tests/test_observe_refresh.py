@@ -98,7 +98,7 @@ def test_other_works_forks_and_exits_are_read_in_batches(observer):
         worker.start()
         wakeups, events = 0, observer.events_fd
         start = time.monotonic()
-        end = start + 10 * EVENT_BATCH
+        end = start + 4 * EVENT_BATCH
         try:
             while (now := time.monotonic()) < end:
                 due = observer.deadline()
@@ -122,15 +122,19 @@ def test_other_works_forks_and_exits_are_read_in_batches(observer):
     assert wakeups <= 2 * elapsed / EVENT_BATCH + 2, (wakeups, elapsed)
 
 
+def open_batch(observer: Observer) -> None:
+    """With a real-time thread watched, read a birth and a death: the connector closes."""
+    pump(observer, 0.2)
+    observer.snapshot(time.monotonic(), full=False)
+    assert observer.batching
+    Sleeper().end()
+    observer.handle_readable(observer.events_fd)
+    assert observer.events_fd not in observer.fds(), "the batch is open"
+
+
 def test_the_exit_of_a_real_time_thread_is_seen_while_events_are_batched(observer):
     with sched_thread(os.SCHED_FIFO, 9) as rt:
-        pump(observer, 0.2)
-        observer.snapshot(time.monotonic(), full=False)
-        assert observer.batching
-        Sleeper().end()  # a birth and a death: reading them closes the connector
-        events = observer.events_fd
-        observer.handle_readable(events)
-        assert events not in observer.fds(), "the connector waits for the batch to end"
+        open_batch(observer)
     # Joined: only the thread's pidfd can say so now (check_changes is never called,
     # so the batch never ends).
     snap = None
@@ -144,27 +148,12 @@ def test_the_exit_of_a_real_time_thread_is_seen_while_events_are_batched(observe
 
 def test_a_newborn_that_sets_its_own_policy_is_shown_while_its_fork_event_waits(observer):
     with sched_thread(os.SCHED_FIFO, 9):
-        pump(observer, 0.2)
-        observer.snapshot(time.monotonic(), full=False)
-        assert observer.batching
-        Sleeper().end()  # a birth and a death: reading them closes the connector
-        observer.handle_readable(observer.events_fd)
-        assert observer.events_fd not in observer.fds(), "the batch is open"
+        open_batch(observer)
         with sched_thread(os.SCHED_FIFO, 8) as newborn:
             snap = pump(observer, 10.0)
             while snap is not None and find(snap, newborn.tid) is None:
                 snap = pump(observer, 10.0)  # other work's changes first, if any
             assert snap is not None and find(snap, newborn.tid).rt_priority == 8
-
-
-def open_batch(observer: Observer) -> None:
-    """With a real-time thread watched, read a birth and a death: the connector closes."""
-    pump(observer, 0.2)
-    observer.snapshot(time.monotonic(), full=False)
-    assert observer.batching
-    Sleeper().end()
-    observer.handle_readable(observer.events_fd)
-    assert observer.events_fd not in observer.fds(), "the batch is open"
 
 
 def test_a_thread_born_real_time_is_shown_while_its_fork_event_waits(observer):
