@@ -13,9 +13,10 @@ Per CPU (system-wide perf events are per CPU), one small ring buffer takes
 three kinds of samples: the *entry* of each watched syscall, whose raw
 arguments name the target thread; its *exit*, which wakes the poller once
 the new settings are in place; and the real-time births, which wake it too.
-Needs CAP_PERFMON (or CAP_SYS_ADMIN) and tracefs; where either is missing, ``SchedWatch`` raises OSError and the agent
-says so once. Everything read from the ring is bounded and checked: a record
-that does not parse means "something changed, sweep".
+Needs CAP_PERFMON (or CAP_SYS_ADMIN) and tracefs; where either is missing,
+``SchedWatch`` raises OSError and the agent says so once. Everything read from
+the ring is bounded and checked: a record that does not parse means "something
+changed, sweep".
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ _DATA_HEAD, _DATA_TAIL = 1024, 1032  # offsets in struct perf_event_mmap_page
 _U64 = struct.Struct("=Q")
 _HEADER = struct.Struct("=IHH")  # perf_event_header: type, misc, size
 _SAMPLE = struct.Struct("=IiI")  # pid, tid, raw size (PERF_SAMPLE_TID | PERF_SAMPLE_RAW)
+_COMMON_TYPE, _PID = struct.Struct("=H"), struct.Struct("=i")  # in a raw tracepoint record
 DATA_PAGES = 8  # per CPU: 32 KiB, about 250 watched syscalls between two drains
 RING_SLACK = 256  # a ring filled to within this many bytes may have lost samples
 
@@ -248,12 +250,11 @@ class SchedWatch:
         raw = body[_SAMPLE.size:_SAMPLE.size + raw_size]
         if len(raw) < 2:
             return True
-        kind = int.from_bytes(raw[:2], "little")
+        kind = _COMMON_TYPE.unpack_from(raw)[0]
         if kind == self._newborn_id:  # the kernel's filter let only real-time births in
-            if len(raw) < self._newborn_at + 4:
+            if len(raw) < self._newborn_at + _PID.size:
                 return True
-            child = int.from_bytes(raw[self._newborn_at:self._newborn_at + 4], "little",
-                                   signed=True)
+            child = _PID.unpack_from(raw, self._newborn_at)[0]
             if child <= 0:
                 return True
             tids.add(child)
