@@ -9,7 +9,8 @@ import threading
 import time
 
 import pytest
-from helpers.threads import Sleeper, real_time_parent, sched_thread, syscalls_only_tracefs
+from helpers.threads import Sleeper, real_time_parent, sched_thread
+from helpers.tracefs import syscalls_only_tracefs
 
 from guestagent.observe import EVENT_BATCH, Observer
 from guestagent.observe.events import ProcEvent

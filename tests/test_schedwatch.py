@@ -8,7 +8,8 @@ import threading
 import time
 
 import pytest
-from helpers.threads import Sleeper, real_time_parent, syscalls_only_tracefs
+from helpers.threads import Sleeper, real_time_parent
+from helpers.tracefs import syscalls_only_tracefs
 
 from guestagent.observe.schedwatch import SchedWatch
 

@@ -140,16 +140,3 @@ def real_time_parent(priority: int) -> Iterator[RealTimeParent]:
     finally:
         parent.end()
 
-
-def syscalls_only_tracefs(real_root: str, into) -> str:
-    """A copy of the watched syscalls' tracepoints from ``real_root`` (their real ids)
-    and nothing else: tracefs as a kernel without the newborn tracepoint shows it."""
-    from guestagent.observe.schedwatch import WATCHED
-    for call in WATCHED:
-        for name in (f"sys_enter_{call}", f"sys_exit_{call}"):
-            point = into / "events" / "syscalls" / name
-            point.mkdir(parents=True)
-            for part in ("id", "format"):
-                with open(f"{real_root}/events/syscalls/{name}/{part}") as f:
-                    (point / part).write_text(f.read())
-    return str(into)
